@@ -12,7 +12,7 @@ from openldm.config import PRESETS, ModelSpec, preset
 if TYPE_CHECKING:
     from openldm.checkpoints.load import StableDiffusion
 
-__all__ = ["PRESETS", "ModelSpec", "StableDiffusion", "load", "preset"]
+__all__ = ["PRESETS", "ModelSpec", "StableDiffusion", "describe", "load", "preset"]
 __version__ = "0.1.0"
 
 
@@ -24,3 +24,10 @@ def load(path_or_id: str, **options: Any) -> StableDiffusion:
     from openldm.checkpoints.load import load as _load
 
     return _load(path_or_id, **options)
+
+
+def describe(model: StableDiffusion) -> str:
+    """A short human-readable description of a loaded model."""
+    from openldm.checkpoints.load import describe as _describe
+
+    return _describe(model)

@@ -186,7 +186,9 @@ PRESETS: dict[str, ModelSpec] = {
     "sd15-inpaint": ModelSpec(
         "sd15-inpaint", "inpaint", dataclasses.replace(SD1_UNET, in_channels=9), SD_VAE, CLIP_L
     ),
-    "sd2-depth": ModelSpec("sd2-depth", "depth", dataclasses.replace(SD2_UNET, in_channels=5), SD_VAE, OPENCLIP_H),
+    "sd2-depth": ModelSpec(
+        "sd2-depth", "depth", dataclasses.replace(SD2_UNET, in_channels=5), SD_VAE, OPENCLIP_H
+    ),
     "x4-upscaler": ModelSpec(
         "x4-upscaler",
         "x4-upscaler",

@@ -1,0 +1,21 @@
+"""Comparison helpers for parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64."""
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().clamp_min(1e-12)
+    return float((actual - expected).abs().max() / scale)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4) -> float:
+    """Assert the relative error is within ``tol``; return it so tests can report it."""
+    err = relative_error(actual, expected)
+    assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
+    return err
