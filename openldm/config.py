@@ -48,6 +48,8 @@ class UNetConfig:
     upcast_attention: bool = False
 
     def __post_init__(self) -> None:
+        # The order carries no meaning (the weights cannot show it): keep one canonical order.
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(self.attention_resolutions)))
         _require(self.in_channels > 0 and self.out_channels > 0, "channel counts must be > 0")
         _require(self.model_channels % 32 == 0, "model_channels must be a multiple of 32")
         _require(len(self.channel_mult) > 0, "channel_mult must not be empty")

@@ -1,0 +1,37 @@
+"""Errors raised while reading and loading checkpoints.
+
+Every message names the file (or folder, or hub id) and says what to do about the problem.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be read or loaded."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, advice: str) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        self.advice = advice
+        super().__init__(f"{self.path}: {problem}. {advice}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return type(self), (self.path, self.problem, self.advice)
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle in a ``.ckpt`` asks for something other than tensors and plain containers."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is truncated, empty, not a checkpoint at all, or in an unsupported container."""
+
+
+class UnknownArchitectureError(CheckpointError):
+    """The weights do not match any model this package knows how to build."""
+
+
+class MissingWeightsError(CheckpointError):
+    """The weights are not on disk and cannot be downloaded (offline, or no ``huggingface_hub``)."""

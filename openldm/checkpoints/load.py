@@ -1,0 +1,695 @@
+"""``load``: one entry point for original single files, diffusers folders and hub ids.
+
+The networks are built on the meta device and receive the checkpoint's own tensors with
+``load_state_dict(sd, assign=True, strict=True)``: nothing is randomly initialised, nothing is
+copied (tensors of a safetensors file stay memory-mapped until moved to another device or cast),
+and a missing, unexpected or misshapen tensor is an error that names it.
+
+How each setting is decided, first source that has it wins:
+
+* variant: :mod:`openldm.checkpoints.detect` (never a default).
+* sizes: ``preset=`` if given; else read from the weights (``formats.*.infer_*``) and overridden by
+  the reference yaml (``config=``: ``unet_config.params``, ``first_stage_config.params``); or, for
+  a diffusers folder, its ``config.json`` files.
+* prediction type: ``prediction_type=``; the yaml's ``parameterization`` ("v" -> v, absent -> eps);
+  the preset; the diffusers ``scheduler/scheduler_config.json``; else a default, logged with how to
+  override it: v for the x4 upscaler and unCLIP (their released weights are v models), eps for the
+  rest (a warning for SD 2, whose 768 models are v models and 512 models are eps models).
+* VAE scale factor: the yaml's ``scale_factor``; the diffusers vae ``scaling_factor``; else 0.18215
+  (0.08333 for the x4 upscaler).
+* noise schedule: the yaml's ``linear_start``/``linear_end``/``timesteps``; the diffusers scheduler's
+  ``beta_start``/``beta_end``/``num_train_timesteps``; else the reference's (x4: 1e-4..0.02).
+
+Dropped by name from single files (and nothing else): the reference's noise-schedule buffers
+(:data:`SCHEDULE_BUFFERS`), ``model_ema.*`` (logged: released files already hold the EMA weights in
+the main keys), ``first_stage_model.loss.*`` (the VAE's training loss) and the text encoder's
+``position_ids``. The depth estimator, the x4 low-res schedule and unCLIP's image embedder and noise
+augmentor are returned untouched in :attr:`StableDiffusion.extras`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from openldm.checkpoints.detect import (
+    EXTRA_COMPONENTS,
+    TEXT_PREFIXES,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    Detection,
+    detect_diffusers,
+    detect_single_file,
+    read_json,
+)
+from openldm.checkpoints.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    MissingWeightsError,
+    UnknownArchitectureError,
+)
+from openldm.checkpoints.read import read_state_dict
+from openldm.config import (
+    PRESETS,
+    ModelSpec,
+    PredictionType,
+    ScheduleConfig,
+    TextConfig,
+    UNetConfig,
+    VAEConfig,
+)
+from openldm.config import preset as named_preset
+from openldm.nn.clip import CLIPTextEncoder
+from openldm.nn.unet import UNetModel
+from openldm.nn.vae import AutoencoderKL
+from openldm.tokenizer import CLIPTokenizer
+
+log = logging.getLogger("openldm")
+
+StateDict = dict[str, torch.Tensor]
+
+SCHEDULE_BUFFERS: frozenset[str] = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+    }
+)
+DEFAULT_SCALE_FACTOR = 0.18215
+X4_SCALE_FACTOR = 0.08333
+_V_BY_DEFAULT: frozenset[str] = frozenset({"x4-upscaler", "unclip"})
+_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_DIFFUSERS_CORE = frozenset({"unet", "vae", "text_encoder", "tokenizer", "scheduler"})
+# Components of diffusers folders that are never needed (and never downloaded).
+_DIFFUSERS_UNUSED = frozenset({"safety_checker", "feature_extractor"})
+
+
+@dataclass
+class StableDiffusion:
+    """A loaded checkpoint: the spec it was built from, its three networks and its tokenizer."""
+
+    spec: ModelSpec
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextEncoder
+    tokenizer: CLIPTokenizer
+    # State dicts of components recognised but not built here, by name: "depth_model",
+    # "low_scale_model", "embedder", "noise_augmentor" (single files, prefix stripped) or the
+    # diffusers folder names ("depth_estimator", "image_encoder", ...).
+    extras: dict[str, StateDict] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class _Parts:
+    """What a checkpoint format yields before the networks are built (weights in our layout)."""
+
+    detection: Detection
+    unet: StateDict
+    vae: StateDict
+    text: StateDict
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    text_config: TextConfig
+    tokenizer: CLIPTokenizer
+    extras: dict[str, StateDict]
+    # The prediction type a reference yaml states (wins over a preset) and the one a diffusers
+    # scheduler config states (a preset wins over it).
+    yaml_prediction: PredictionType | None = None
+    scheduler_prediction: PredictionType | None = None
+    schedule: ScheduleConfig | None = None
+    image_size: int | None = None
+
+
+def load(
+    path_or_id: str | os.PathLike[str],
+    *,
+    config: str | os.PathLike[str] | None = None,
+    prediction_type: PredictionType | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    preset: str | ModelSpec | None = None,
+    variant: str | None = None,
+) -> StableDiffusion:
+    """Load a Stable Diffusion checkpoint.
+
+    Args:
+        path_or_id: an original ``.safetensors``/``.ckpt`` file, a diffusers folder, or a hub id
+            (``stabilityai/stable-diffusion-2-1``, fetched with ``huggingface_hub`` when installed).
+        config: the reference's yaml config (``v2-inference-v.yaml``...), for single files.
+        prediction_type: ``"eps"`` or ``"v"``; overrides everything else.
+        dtype: cast the floating-point weights (default: keep the stored dtype).
+        device: where the networks go.
+        preset: a preset name or a :class:`ModelSpec` to build instead of reading the sizes.
+        variant: diffusers weight variant to read (``"fp16"`` for ``*.fp16.safetensors``).
+    """
+    source = os.fspath(path_or_id)
+    path = Path(source)
+    if path.is_dir():
+        parts = _diffusers_parts(path, variant)
+    elif path.is_file():
+        parts = _single_file_parts(path, config)
+    elif _HUB_ID.fullmatch(source) and not source.endswith(_CHECKPOINT_SUFFIXES):
+        parts = _diffusers_parts(_download(source, variant), variant)
+    else:
+        raise MissingWeightsError(source, "no such file or folder", "Check the path")
+    spec = _spec(parts, source, prediction_type, preset)
+    parts.tokenizer.pad_token_id = spec.text.pad_token_id  # a preset may pad differently
+    return StableDiffusion(
+        spec=spec,
+        unet=_build(UNetModel, spec.unet, parts.unet, "unet", source, dtype, device),
+        vae=_build(AutoencoderKL, spec.vae, parts.vae, "vae", source, dtype, device),
+        text_encoder=_build(CLIPTextEncoder, spec.text, parts.text, "text encoder", source, dtype, device),
+        tokenizer=parts.tokenizer,
+        extras=parts.extras,
+        source=source,
+    )
+
+
+# --- original single files ---------------------------------------------------------------------
+
+
+def split_single_file(
+    sd: Mapping[str, torch.Tensor], detection: Detection, source: str | os.PathLike[str]
+) -> tuple[StateDict, StateDict, StateDict, dict[str, StateDict]]:
+    """(unet, vae, text, extras) state dicts with their prefixes stripped.
+
+    The text encoder stays in the file's layout (``detection.text_layout``). Known training-only
+    entries are dropped by name; any other key is an :class:`UnknownArchitectureError`.
+    """
+    unet: StateDict = {}
+    vae: StateDict = {}
+    text: StateDict = {}
+    extras: dict[str, StateDict] = {}
+    text_prefix = TEXT_PREFIXES.get(detection.text_layout or "", "\0")
+    unexpected: list[str] = []
+    ema = 0
+    for key, value in sd.items():
+        if key.startswith(UNET_PREFIX):
+            unet[key[len(UNET_PREFIX) :]] = value
+        elif key.startswith(VAE_PREFIX + "loss."):
+            continue
+        elif key.startswith(VAE_PREFIX):
+            vae[key[len(VAE_PREFIX) :]] = value
+        elif key.startswith(text_prefix):
+            if not key.endswith("position_ids"):
+                text[key[len(text_prefix) :]] = value
+        elif key in SCHEDULE_BUFFERS:
+            continue
+        elif key.startswith("model_ema."):
+            ema += 1
+        elif (name := key.split(".", 1)[0]) in EXTRA_COMPONENTS:
+            extras.setdefault(name, {})[key[len(name) + 1 :]] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise UnknownArchitectureError(
+            source,
+            f"unexpected tensors for a {detection.variant} checkpoint: {_examples(unexpected)}",
+            "Pass an unmodified Stable Diffusion checkpoint, or remove these tensors from it",
+        )
+    if ema:
+        log.info("%s: holds %d EMA tensors (model_ema.*); they are not used", source, ema)
+    return unet, vae, text, extras
+
+
+def _single_file_parts(path: Path, config: str | os.PathLike[str] | None) -> _Parts:
+    sd = read_state_dict(path)
+    detection = detect_single_file(sd, path)
+    unet_sd, vae_sd, text_sd, extras = split_single_file(sd, detection, path)
+    yaml_params = _read_yaml(Path(config)) if config is not None else None
+    for name, part in (("UNet", unet_sd), ("VAE", vae_sd), ("text encoder", text_sd)):
+        if not part:
+            prefix = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX}.get(name, "cond_stage_model.")
+            raise CorruptCheckpointError(
+                path,
+                f"it has no {name} weights ({prefix}*)",
+                "Use a complete checkpoint that holds the UNet, the VAE and the text encoder",
+            )
+    if detection.text_layout is None:  # only possible for a file without text encoder, rejected above
+        raise CorruptCheckpointError(path, "no text encoder found", "Use a complete checkpoint")
+
+    from openldm.checkpoints.formats import clip, unet, vae
+
+    scale = X4_SCALE_FACTOR if detection.variant == "x4-upscaler" else DEFAULT_SCALE_FACTOR
+    unet_cfg = _convert(path, "UNet", unet.infer_unet_config, unet_sd)
+    vae_cfg = _convert(path, "VAE", vae.infer_vae_config, vae_sd, scale)
+    text_cfg = _convert(path, "text encoder", clip.infer_text_config, text_sd, detection.text_layout)
+    parts_kwargs: dict[str, Any] = {}
+    if yaml_params is not None:
+        unet_cfg, vae_cfg, text_cfg, parts_kwargs = _apply_yaml(
+            yaml_params, unet_cfg, vae_cfg, text_cfg, config
+        )
+    if detection.text_layout == "open_clip":
+        text_ours = _convert(path, "text encoder", clip.text_from_open_clip, text_sd, text_cfg)
+    else:
+        text_ours = _convert(path, "text encoder", clip.text_from_transformers, text_sd)
+    return _Parts(
+        detection=detection,
+        unet=unet_sd,
+        vae=vae_sd,
+        text=text_ours,
+        unet_config=unet_cfg,
+        vae_config=vae_cfg,
+        text_config=text_cfg,
+        tokenizer=CLIPTokenizer.for_config(text_cfg),
+        extras=extras,
+        **parts_kwargs,
+    )
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(path, "config file not found", "Check the config= path") from None
+    except yaml.YAMLError as e:
+        raise CorruptCheckpointError(path, f"malformed yaml ({e})", "Pass the reference's yaml config") from e
+    params = data.get("model", {}).get("params") if isinstance(data, dict) else None
+    if not isinstance(params, dict):
+        raise CorruptCheckpointError(
+            path, "no model.params section", "Pass a reference config such as v2-inference-v.yaml"
+        )
+    return params
+
+
+_UNET_YAML_FIELDS = {f.name for f in dataclasses.fields(UNetConfig)} - {"num_heads", "num_head_channels"}
+_VAE_YAML_FIELDS = ("in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks", "z_channels")
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _apply_yaml(
+    params: Mapping[str, Any],
+    unet_cfg: UNetConfig,
+    vae_cfg: VAEConfig,
+    text_cfg: TextConfig,
+    path: str | os.PathLike[str],
+) -> tuple[UNetConfig, VAEConfig, TextConfig, dict[str, Any]]:
+    """Sizes, scale factor, schedule and prediction type from a reference yaml's ``model.params``."""
+    unet_params = params.get("unet_config", {}).get("params", {})
+    changes = {k: _tuples(v) for k, v in unet_params.items() if k in _UNET_YAML_FIELDS}
+    if "num_heads" in unet_params or "num_head_channels" in unet_params:
+        # The reference's -1 means "not set"; exactly one of the two is set.
+        for key in ("num_heads", "num_head_channels"):
+            value = unet_params.get(key, -1)
+            changes[key] = None if value == -1 else value
+    first_stage = params.get("first_stage_config", {}).get("params", {})
+    dd = first_stage.get("ddconfig", {})
+    vae_changes = {k: _tuples(dd[k]) for k in _VAE_YAML_FIELDS if k in dd}
+    if "embed_dim" in first_stage:
+        vae_changes["embed_dim"] = first_stage["embed_dim"]
+    if "scale_factor" in params:
+        vae_changes["scale_factor"] = float(params["scale_factor"])
+    if params.get("cond_stage_config", {}).get("params", {}).get("layer") == "last":
+        text_cfg = dataclasses.replace(text_cfg, layers=text_cfg.layers + 1)
+    try:
+        unet_cfg = dataclasses.replace(unet_cfg, **changes)
+        vae_cfg = dataclasses.replace(vae_cfg, **vae_changes)
+    except (TypeError, ValueError) as e:
+        raise UnknownArchitectureError(
+            path, f"its sizes do not form a valid model ({e})", "Fix the yaml"
+        ) from e
+
+    parameterization = params.get("parameterization", "eps")
+    if parameterization not in ("eps", "v"):
+        raise UnknownArchitectureError(
+            path, f"parameterization {parameterization!r} is not supported", "Only 'eps' and 'v' are"
+        )
+    extra: dict[str, Any] = {"yaml_prediction": parameterization}
+    if {"linear_start", "linear_end", "timesteps"} & set(params):
+        default = ScheduleConfig()
+        extra["schedule"] = ScheduleConfig(
+            beta_start=float(params.get("linear_start", default.beta_start)),
+            beta_end=float(params.get("linear_end", default.beta_end)),
+            num_timesteps=int(params.get("timesteps", default.num_timesteps)),
+        )
+    if "image_size" in params:
+        extra["image_size"] = int(params["image_size"]) * vae_cfg.downsampling_factor
+    return unet_cfg, vae_cfg, text_cfg, extra
+
+
+# --- diffusers folders and hub ids -------------------------------------------------------------
+
+
+def _diffusers_parts(folder: Path, variant: str | None) -> _Parts:
+    from openldm.checkpoints.formats import clip, unet, vae
+
+    detection = detect_diffusers(folder)
+    unet_json = read_json(folder / "unet" / "config.json", "unet/config.json")
+    vae_json = read_json(folder / "vae" / "config.json", "vae/config.json")
+    text_json = read_json(folder / "text_encoder" / "config.json", "text_encoder/config.json")
+    tokenizer = _diffusers_tokenizer(folder, detection)
+
+    unet_cfg = _convert(folder / "unet", "UNet", unet.unet_config_from_diffusers, unet_json)
+    vae_cfg = _convert(folder / "vae", "VAE", vae.vae_config_from_diffusers, vae_json)
+    if "scaling_factor" not in vae_json:
+        scale = X4_SCALE_FACTOR if detection.variant == "x4-upscaler" else DEFAULT_SCALE_FACTOR
+        vae_cfg = dataclasses.replace(vae_cfg, scale_factor=scale)
+    text_cfg = _convert(
+        folder / "text_encoder",
+        "text encoder",
+        clip.text_config_from_transformers,
+        text_json,
+        tokenizer.pad_token_id,
+    )
+    unet_sd = _convert(
+        folder / "unet",
+        "UNet",
+        unet.unet_from_diffusers,
+        _component_weights(folder, "unet", variant),
+        unet_cfg,
+    )
+    vae_sd = _convert(
+        folder / "vae", "VAE", vae.vae_from_diffusers, _component_weights(folder, "vae", variant), vae_cfg
+    )
+    text_sd = _convert(
+        folder / "text_encoder",
+        "text encoder",
+        clip.text_from_transformers,
+        _component_weights(folder, "text_encoder", variant),
+    )
+    parts = _Parts(
+        detection=detection,
+        unet=unet_sd,
+        vae=vae_sd,
+        text=text_sd,
+        unet_config=unet_cfg,
+        vae_config=vae_cfg,
+        text_config=text_cfg,
+        tokenizer=tokenizer,
+        extras=_diffusers_extras(folder, variant),
+    )
+    sample_size = unet_json.get("sample_size")
+    if isinstance(sample_size, int):
+        parts.image_size = sample_size * vae_cfg.downsampling_factor
+    _read_scheduler(folder, parts)
+    return parts
+
+
+def _diffusers_tokenizer(folder: Path, detection: Detection) -> CLIPTokenizer:
+    tok = folder / "tokenizer"
+    if (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file():
+        default_pad = 0 if detection.features.text_family == "openclip" else 49407
+        try:
+            return CLIPTokenizer.from_files(tok / "vocab.json", tok / "merges.txt", pad_token_id=default_pad)
+        except (ValueError, OSError) as e:
+            raise CorruptCheckpointError(
+                tok, f"unreadable tokenizer ({e})", "Download the folder again"
+            ) from e
+    raise CorruptCheckpointError(
+        tok, "missing vocab.json / merges.txt", "Download the tokenizer/ folder of the model"
+    )
+
+
+def _read_scheduler(folder: Path, parts: _Parts) -> None:
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return
+    cfg = read_json(path, "scheduler/scheduler_config.json")
+    kinds = {"epsilon": "eps", "v_prediction": "v"}
+    if "prediction_type" in cfg:
+        if cfg["prediction_type"] not in kinds:
+            raise UnknownArchitectureError(
+                path,
+                f"prediction_type {cfg['prediction_type']!r} is not supported",
+                "Pass prediction_type='eps' or 'v' to load()",
+            )
+        parts.scheduler_prediction = kinds[cfg["prediction_type"]]  # type: ignore[assignment]
+    if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise UnknownArchitectureError(
+            path,
+            f"beta_schedule {cfg['beta_schedule']!r} is not the reference's (scaled_linear)",
+            "Stable Diffusion checkpoints are trained with scaled_linear betas; check the scheduler config",
+        )
+    default = ScheduleConfig()
+    parts.schedule = ScheduleConfig(
+        beta_start=float(cfg.get("beta_start", default.beta_start)),
+        beta_end=float(cfg.get("beta_end", default.beta_end)),
+        num_timesteps=int(cfg.get("num_train_timesteps", default.num_timesteps)),
+    )
+
+
+def _weight_candidates(folder: Path, variant: str | None) -> list[Path]:
+    stems = ("diffusion_pytorch_model", "model", "pytorch_model")
+    tags = [f".{variant}"] if variant else ["", ".fp16"]
+    return [folder / f"{stem}{tag}.{ext}" for tag in tags for stem in stems for ext in ("safetensors", "bin")]
+
+
+def _component_weights(folder: Path, component: str, variant: str | None) -> StateDict:
+    """The weights of ``folder/component``: safetensors preferred, ``.bin`` read safely, shards merged."""
+    sub = folder / component
+    for candidate in _weight_candidates(sub, variant):
+        if candidate.is_file():
+            return read_state_dict(candidate)
+        index = candidate.with_name(candidate.name + ".index.json")
+        if index.is_file():
+            shards = sorted(set(read_json(index, index.name).get("weight_map", {}).values()))
+            merged: StateDict = {}
+            for shard in shards:
+                merged.update(read_state_dict(sub / shard))
+            return merged
+    wanted = "diffusion_pytorch_model" if component in ("unet", "vae") else "model"
+    raise MissingWeightsError(
+        sub,
+        f"no weights found (looked for {wanted}{'.' + variant if variant else ''}.safetensors and .bin)",
+        "Download the weights of this component into the folder"
+        + ("" if variant else ", or pass variant='fp16' for *.fp16.* files"),
+    )
+
+
+def _diffusers_extras(folder: Path, variant: str | None) -> dict[str, StateDict]:
+    index = read_json(folder / "model_index.json", "model_index.json")
+    extras: dict[str, StateDict] = {}
+    for name, value in index.items():
+        if name.startswith("_") or name in _DIFFUSERS_CORE | _DIFFUSERS_UNUSED or not isinstance(value, list):
+            continue
+        if (folder / name).is_dir() and any(c.is_file() for c in _weight_candidates(folder / name, variant)):
+            extras[name] = _component_weights(folder, name, variant)
+    return extras
+
+
+def _download(repo_id: str, variant: str | None) -> Path:
+    where = (
+        "download the diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+        "scheduler/) and pass its path to load()"
+    )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise MissingWeightsError(
+            repo_id,
+            "not a local file or folder, and huggingface_hub is not installed to fetch it from the hub",
+            f"Install it (pip install 'openldm[hub]') or {where}",
+        ) from None
+    tag = f".{variant}" if variant else ""
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", f"*/*{tag}.safetensors"]
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["safety_checker/*"])
+    except Exception as e:  # offline, unknown repo, network errors: all mean "not available here"
+        raise MissingWeightsError(
+            repo_id,
+            f"could not get it from the Hugging Face hub ({type(e).__name__}: {e})",
+            f"Go online (and unset HF_HUB_OFFLINE), or {where}",
+        ) from e
+    return Path(folder)
+
+
+# --- spec, networks ----------------------------------------------------------------------------
+
+
+def _spec(
+    parts: _Parts,
+    source: str,
+    prediction_type: PredictionType | None,
+    preset: str | ModelSpec | None,
+) -> ModelSpec:
+    variant = parts.detection.variant
+    chosen = named_preset(preset) if isinstance(preset, str) else preset
+    if chosen is not None and chosen.variant != variant:
+        raise UnknownArchitectureError(
+            source,
+            f"the checkpoint is a {variant} model but the preset {chosen.name!r} is a {chosen.variant} model",
+            "Pass a matching preset, or none to read the sizes from the checkpoint",
+        )
+    pred, why = _prediction(parts, source, prediction_type, chosen)
+    if chosen is not None:
+        return dataclasses.replace(chosen, prediction_type=pred)
+    schedule = parts.schedule or (
+        ScheduleConfig(beta_start=0.0001, beta_end=0.02) if variant == "x4-upscaler" else ScheduleConfig()
+    )
+    image_size = parts.image_size or (768 if variant in ("sd2", "unclip") and pred == "v" else 512)
+    try:
+        spec = ModelSpec(
+            "custom",
+            variant,
+            parts.unet_config,
+            parts.vae_config,
+            parts.text_config,
+            prediction_type=pred,
+            schedule=schedule,
+            image_size=image_size,
+        )
+    except ValueError as e:
+        raise UnknownArchitectureError(
+            source, f"inconsistent model ({e})", "Check that the parts belong together"
+        ) from e
+    log.info("%s: %s model, prediction type %s (%s)", source, variant, pred, why)
+    return dataclasses.replace(spec, name=_matching_preset(spec))
+
+
+def _prediction(
+    parts: _Parts, source: str, explicit: PredictionType | None, chosen: ModelSpec | None
+) -> tuple[PredictionType, str]:
+    """The prediction type and where it came from (see the module docstring for the order)."""
+    if explicit is not None:
+        if explicit not in ("eps", "v"):
+            raise ValueError(f"prediction_type must be 'eps' or 'v', got {explicit!r}")
+        return explicit, "the prediction_type option"
+    if parts.yaml_prediction is not None:
+        return parts.yaml_prediction, "the yaml config"
+    if chosen is not None:
+        return chosen.prediction_type, f"preset {chosen.name}"
+    if parts.scheduler_prediction is not None:
+        return parts.scheduler_prediction, "scheduler/scheduler_config.json"
+    variant = parts.detection.variant
+    default: PredictionType = "v" if variant in _V_BY_DEFAULT else "eps"
+    level = logging.WARNING if variant == "sd2" else logging.INFO
+    log.log(
+        level,
+        "%s: the checkpoint does not say its prediction type; using %r, the default for %s models. "
+        "Pass prediction_type='eps' or 'v' (or config= the reference yaml) to override",
+        source,
+        default,
+        variant,
+    )
+    return default, "default"
+
+
+def _matching_preset(spec: ModelSpec) -> str:
+    for name, known in PRESETS.items():
+        if dataclasses.replace(known, name=spec.name, image_size=spec.image_size) == spec:
+            return name
+    return f"custom-{spec.variant}"
+
+
+def _build(
+    cls: type[nn.Module],
+    config: Any,
+    sd: StateDict,
+    what: str,
+    source: str,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+) -> Any:
+    with torch.device("meta"):
+        model = cls(config)
+    _check_keys(model, sd, what, source)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    # Loaded networks are for inference: no gradients until a training loop asks for them.
+    return model.requires_grad_(False).eval().to(device)
+
+
+def _check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str) -> None:
+    """Missing, unexpected and misshapen tensors, named, before ``load_state_dict`` sees them."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_examples(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_examples(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes {_examples(shapes)}")
+    if problems:
+        raise CorruptCheckpointError(
+            source,
+            f"the {what} weights do not fit the {what} they describe: " + "; ".join(problems),
+            "The file is incomplete or modified; use the original file, or pass config=/preset= if the "
+            "sizes were read wrongly",
+        )
+
+
+def _convert(source: str | os.PathLike[str], what: str, fn: Any, *args: Any) -> Any:
+    """Run a ``formats`` function; its ``ValueError``/``KeyError`` becomes an error naming the file."""
+    try:
+        return fn(*args)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise UnknownArchitectureError(
+            source, f"the {what} cannot be read ({e})", "Check that this is a Stable Diffusion checkpoint"
+        ) from e
+
+
+def _examples(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# --- description -------------------------------------------------------------------------------
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _dtypes(module: nn.Module) -> str:
+    return "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()}))
+
+
+def describe(model: StableDiffusion) -> str:
+    """A few lines on what was loaded: variant, sizes, prediction type, dtype, parameter counts."""
+    s = model.spec
+    u, v, t = s.unet, s.vae, s.text
+    heads = f"{u.num_heads} heads" if u.num_heads is not None else f"{u.num_head_channels}-wide heads"
+    classes = "" if u.num_classes is None else f", class embedding {u.num_classes}"
+    nets = {"unet": model.unet, "vae": model.vae, "text encoder": model.text_encoder}
+    sizes = {name: f"{_count(net) / 1e6:.1f}M params, {_dtypes(net)}" for name, net in nets.items()}
+    lines = [
+        f"source:       {model.source}",
+        f"model:        {s.name} (variant {s.variant}), prediction {s.prediction_type}, {s.image_size}px",
+        f"unet:         {sizes['unet']}; in {u.in_channels}, channels {u.model_channels} x "
+        f"{list(u.channel_mult)}, {heads}, context {u.context_dim}{classes}",
+        f"vae:          {sizes['vae']}; ch {v.ch} x {list(v.ch_mult)}, scale factor {v.scale_factor}",
+        f"text encoder: {sizes['text encoder']}; width {t.width}, {t.layers} layers, {t.activation}, "
+        f"pad id {t.pad_token_id}",
+        f"schedule:     betas {s.schedule.beta_start}..{s.schedule.beta_end}, {s.schedule.num_timesteps} "
+        "steps",
+    ]
+    for name, sd in model.extras.items():
+        values = sum(x.numel() for x in sd.values())
+        lines.append(f"extra:        {name}: {len(sd)} tensors, {values / 1e6:.1f}M values")
+    return "\n".join(lines)

@@ -1,0 +1,444 @@
+"""Reading checkpoint files into state dicts without running code from them.
+
+Two containers are supported, recognised by their first bytes (the suffix is only used in messages):
+
+* ``.safetensors``: memory-mapped through the ``safetensors`` library; nothing is copied until used.
+* PyTorch's zip format (``.ckpt``, ``.pt``, ``.bin``): the ``data.pkl`` pickle is read by
+  :class:`RestrictedUnpickler`, written here. Its ``find_class`` maps an explicit allowlist of names
+  onto functions of this module (it never imports or calls what the file names); every other name is
+  refused with :class:`UnsafeCheckpointError` before anything happens. Tensor data (the ``data/N``
+  entries of the zip) stays memory-mapped: the file is mapped once, copy-on-write, and each tensor is
+  a view into that mapping, so a 5 GB checkpoint costs no more memory than the tensors touched.
+
+``torch.load`` is not used, not even with ``weights_only=True``: the allowlist here is short enough to
+audit, and it needs one extra rule for real Stable Diffusion 1.x files. Those were saved by PyTorch
+Lightning and pickle Lightning's ``ModelCheckpoint`` class (and sometimes numpy scalars) in their
+``callbacks`` metadata. The names in :data:`PLACEHOLDER_NAMES` are replaced by inert
+:class:`MetadataPlaceholder` types that only record the pickled arguments and state; the metadata is
+then dropped, and a placeholder anywhere in the returned state dict is an error.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import sys
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from openldm.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header, 30 bytes
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+_REDOWNLOAD = "Download it again (the transfer may have been cut short) or check that it is the right file"
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
+    """The tensors of a ``.safetensors`` or PyTorch zip checkpoint, keyed by name.
+
+    A checkpoint of the form ``{"state_dict": {...}, ...}`` (Lightning, the reference ``.ckpt``
+    files) is unwrapped; its other entries (``global_step``, callbacks...) are dropped.
+    """
+    path = Path(path)
+    kind = sniff(path)
+    if kind == "safetensors":
+        return read_safetensors(path)
+    return _tensors_only(_unwrap(read_torch_zip(path)), path)
+
+
+def sniff(path: Path) -> str:
+    """``"safetensors"`` or ``"torch-zip"`` from the first bytes; a clear error for anything else."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(path, "no such file", "Check the path") from None
+    except IsADirectoryError:
+        raise CorruptCheckpointError(
+            path,
+            "is a folder, not a checkpoint file",
+            "Pass the file inside it, or a diffusers folder to load()",
+        ) from None
+    if size == 0:
+        raise CorruptCheckpointError(path, "the file is empty (0 bytes)", _REDOWNLOAD)
+    if head[:4] in _ZIP_MAGIC:
+        return "torch-zip"
+    if len(head) >= 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 0 < header_len <= _MAX_SAFETENSORS_HEADER:
+            if header_len > size - 8:
+                raise CorruptCheckpointError(
+                    path,
+                    f"truncated safetensors file: its header alone claims {header_len} bytes, "
+                    f"the file has {size}",
+                    _REDOWNLOAD,
+                )
+            return "safetensors"
+    if head.startswith(b"version https://git-lfs"):
+        raise CorruptCheckpointError(
+            path,
+            "a Git LFS pointer, not the weights",
+            "Fetch the real file (git lfs pull) or download it again",
+        )
+    if head[:1] == b"\x80" or head[257:262] == b"ustar":
+        raise CorruptCheckpointError(
+            path,
+            "saved in PyTorch's legacy (pre-1.6, non-zip) serialization format, which is not read here",
+            "Re-save it with a current PyTorch (torch.save in an environment you trust) "
+            "or convert it to .safetensors",
+        )
+    raise CorruptCheckpointError(
+        path,
+        f"not a safetensors or PyTorch checkpoint (it starts with {head[:16]!r})",
+        "Check that the file is a model checkpoint and was downloaded completely",
+    )
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> StateDict:
+    """All tensors of a ``.safetensors`` file, memory-mapped (nothing is read until used)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.fspath(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptCheckpointError(path, f"damaged or truncated safetensors file ({e})", _REDOWNLOAD) from e
+
+
+def read_torch_zip(path: str | os.PathLike[str]) -> Any:
+    """The whole object pickled in a PyTorch zip file, through :class:`RestrictedUnpickler`.
+
+    Metadata may contain :class:`MetadataPlaceholder` objects; :func:`read_state_dict` keeps only
+    the tensors.
+    """
+    path = Path(path)
+    records = _ZipRecords(path)
+    unpickler = RestrictedUnpickler(io.BytesIO(records.read("data.pkl")), records)
+    try:
+        return unpickler.load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # anything the pickle machinery or a rebuild function rejects
+        raise CorruptCheckpointError(
+            path, f"the pickle in the checkpoint is malformed ({e})", _REDOWNLOAD
+        ) from e
+
+
+# --- the zip container -------------------------------------------------------------------------
+
+
+class _ZipRecords:
+    """The entries of a PyTorch zip archive (``<name>/data.pkl``, ``<name>/data/<key>``, ...)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = path.stat().st_size
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CorruptCheckpointError(path, f"damaged or truncated zip archive ({e})", _REDOWNLOAD) from e
+        pickles = [n for n in self.zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise CorruptCheckpointError(
+                path,
+                "a zip archive, but not one written by torch.save (no single <name>/data.pkl)",
+                _REDOWNLOAD,
+            )
+        self.prefix = pickles[0][: -len("data.pkl")]
+        self._mapping: torch.UntypedStorage | None = None
+        self._storages: dict[str, torch.UntypedStorage] = {}
+        self._check_byteorder()
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.zip.read(self.prefix + name)
+        except KeyError:
+            raise CorruptCheckpointError(
+                self.path, f"the archive has no entry {name!r}", _REDOWNLOAD
+            ) from None
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise CorruptCheckpointError(self.path, f"cannot read entry {name!r} ({e})", _REDOWNLOAD) from e
+
+    def storage(self, key: str) -> torch.UntypedStorage:
+        """The bytes of ``data/<key>``: a view into the memory-mapped file, shared between tensors."""
+        if key not in self._storages:
+            self._storages[key] = self._load_storage(key)
+        return self._storages[key]
+
+    def _load_storage(self, key: str) -> torch.UntypedStorage:
+        name = f"{self.prefix}data/{key}"
+        try:
+            info = self.zip.getinfo(name)
+        except KeyError:
+            raise CorruptCheckpointError(self.path, f"tensor data {name!r} is missing", _REDOWNLOAD) from None
+        if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses; other writers might
+            return torch.frombuffer(bytearray(self.read(f"data/{key}")), dtype=torch.uint8).untyped_storage()
+        start = self._data_offset(info)
+        if start % 64:  # torch.save aligns data to 64 bytes; copy anything else rather than view it unaligned
+            return torch.frombuffer(bytearray(self.read(f"data/{key}")), dtype=torch.uint8).untyped_storage()
+        if start + info.file_size > self.size:
+            raise CorruptCheckpointError(
+                self.path, f"tensor data {name!r} runs past the end of the file", _REDOWNLOAD
+            )
+        return self._mapped()[start : start + info.file_size]
+
+    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            raw = f.read(_LOCAL_HEADER.size)
+        if len(raw) != _LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":
+            raise CorruptCheckpointError(self.path, f"damaged zip entry {info.filename!r}", _REDOWNLOAD)
+        fields = _LOCAL_HEADER.unpack(raw)
+        name_len, extra_len = fields[-2], fields[-1]
+        return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+    def _mapped(self) -> torch.UntypedStorage:
+        if self._mapping is None:  # private (copy-on-write) mapping: writes never reach the file
+            self._mapping = torch.UntypedStorage.from_file(os.fspath(self.path), False, self.size)
+        return self._mapping
+
+    def _check_byteorder(self) -> None:
+        if self.prefix + "byteorder" not in self.zip.namelist():
+            return  # written before PyTorch recorded it: native order, as torch.load assumes
+        order = self.read("byteorder").decode("ascii", "replace").strip()
+        if order != sys.byteorder:
+            raise CorruptCheckpointError(
+                self.path,
+                f"tensor data is stored {order}-endian, this machine is {sys.byteorder}-endian",
+                "Convert it to .safetensors on a machine of the same byte order",
+            )
+
+
+# --- the restricted unpickler ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    """What ``torch.FloatStorage`` and friends resolve to: nothing but a dtype."""
+
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """A storage read from ``data/<key>``, typed as the pickle declared it."""
+
+    data: torch.UntypedStorage
+    dtype: torch.dtype
+
+
+class MetadataPlaceholder:
+    """Stands in for an allowlisted metadata class (Lightning's ``ModelCheckpoint``...).
+
+    The named class is never imported, constructed or called: the placeholder only keeps what the
+    pickle passes to it, so the metadata around the weights can be read and then dropped.
+    """
+
+    qualified_name: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> MetadataPlaceholder:
+        obj = super().__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {self.qualified_name}>"
+
+
+# Names replaced by inert placeholders. They only ever appear in training metadata.
+PLACEHOLDER_NAMES: frozenset[str] = frozenset(
+    {
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+        "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+        # numpy scalars in metadata (e.g. a monitored metric) and the bytes they are pickled with
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.dtype",
+        "_codecs.encode",
+    }
+)
+_placeholder_types: dict[str, type[MetadataPlaceholder]] = {}
+
+
+def _placeholder(qualified_name: str) -> type[MetadataPlaceholder]:
+    # One type per name, so a class used as a dict key (Lightning's callbacks) stays one key.
+    if qualified_name not in _placeholder_types:
+        short = qualified_name.rsplit(".", 1)[-1]
+        _placeholder_types[qualified_name] = type(
+            short, (MetadataPlaceholder,), {"qualified_name": qualified_name}
+        )
+    return _placeholder_types[qualified_name]
+
+
+def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or not all(type(v) is int for v in value):
+        raise ValueError(f"tensor {what} must be a tuple of ints, got {value!r}")
+    return value
+
+
+def _tensor(storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tensor:
+    """A tensor viewing ``storage``; every argument is checked before anything is built."""
+    if not isinstance(storage, _Storage):
+        raise ValueError(f"a tensor must be built on a storage, got {type(storage).__name__}")
+    size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+    if type(offset) is not int or offset < 0 or len(size) != len(stride) or min(size + stride, default=0) < 0:
+        raise ValueError(f"invalid tensor layout: offset {offset!r}, size {size}, stride {stride}")
+    available = storage.data.nbytes() // storage.dtype.itemsize
+    extent = 0 if 0 in size else offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+    if extent > available:
+        raise ValueError(f"a tensor reaches element {extent} of a storage of {available}")
+    return torch.empty(0, dtype=storage.dtype).set_(storage.data, offset, size, stride)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tensor:
+    return _tensor(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v2(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> torch.Tensor:
+    # requires_grad and hooks are dropped: loaded weights are plain tensors.
+    if metadata:
+        raise ValueError(f"unsupported tensor metadata {metadata!r}")
+    return _tensor(storage, offset, size, stride)
+
+
+def _rebuild_parameter(
+    data: Any, requires_grad: Any = False, backward_hooks: Any = None, state: Any = None
+) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"a parameter must wrap a tensor, got {type(data).__name__}")
+    return data
+
+
+def _size(dims: Any = ()) -> torch.Size:
+    return torch.Size(_int_tuple(tuple(dims) if isinstance(dims, list) else dims, "size"))
+
+
+_CALLABLES: dict[str, Callable[..., Any]] = {
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "collections.OrderedDict": OrderedDict,
+    "torch.Size": _size,
+}
+_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "UntypedStorage": torch.uint8,
+}
+_GLOBALS: dict[str, Any] = {
+    **_CALLABLES,
+    **{f"torch.{name}": dtype for name, dtype in _DTYPES.items()},
+    **{f"torch.{name}": _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+}
+ALLOWED_NAMES: frozenset[str] = frozenset(_GLOBALS) | PLACEHOLDER_NAMES
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds tensors, storages and plain containers; refuses every other global.
+
+    ``find_class`` is the only way a pickle reaches code, and here it is a dictionary lookup into
+    :data:`ALLOWED_NAMES`: the module a name points into is never imported.
+    """
+
+    def __init__(self, file: io.BytesIO, records: _ZipRecords) -> None:
+        super().__init__(file)
+        self.records = records
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if qualified in _GLOBALS:
+            return _GLOBALS[qualified]
+        if qualified in PLACEHOLDER_NAMES:
+            return _placeholder(qualified)
+        raise UnsafeCheckpointError(
+            self.records.path,
+            f"refused to load: its pickle asks for {qualified!r}, which is not a tensor, storage or plain "
+            "container (a checkpoint that names arbitrary code can run it when loaded with torch.load)",
+            "Get a .safetensors version of the model, or, only if you trust where the file came from, "
+            "convert it in an isolated environment",
+        )
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise ValueError(f"unsupported persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int:
+            raise ValueError(f"malformed storage reference {pid!r}")
+        data = self.records.storage(key)
+        if data.nbytes() < numel * storage_type.dtype.itemsize:
+            raise ValueError(f"storage {key!r} holds {data.nbytes()} bytes, {numel} elements were declared")
+        return _Storage(data, storage_type.dtype)
+
+
+# --- from the unpickled object to a state dict -------------------------------------------------
+
+
+def _unwrap(obj: Any) -> Any:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"]
+    return obj
+
+
+def _tensors_only(obj: Any, path: Path) -> StateDict:
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(
+            path, f"holds a {type(obj).__name__}, not a dict of tensors", "Pass a checkpoint of model weights"
+        )
+    out: StateDict = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CorruptCheckpointError(
+                path,
+                f"entry {key!r} of its state dict is a {type(value).__name__}, not a tensor",
+                "Pass a checkpoint that holds only model weights",
+            )
+        out[key] = value.detach()  # a plain tensor: no requires_grad, no hooks, no subclass state
+    return out

@@ -1,0 +1,234 @@
+"""The denoising UNet of every Stable Diffusion variant (the reference's ``openaimodel.UNetModel``).
+
+The module tree mirrors the reference exactly, so the keys of an original checkpoint's
+``model.diffusion_model.*`` load with ``strict=True`` and no rename table:
+
+- ``time_embed.0/2``: the timestep MLP; ``label_emb``: the class embedding (an ``nn.Embedding`` for
+  integer classes, ``label_emb.0.0/0.2`` for a projected vector);
+- ``input_blocks.N.M``: the stem conv, then per level ``num_res_blocks`` ResBlocks (each followed by
+  a SpatialTransformer at levels in ``attention_resolutions``) and a ``Downsample`` (``op``);
+- ``middle_block.0/1/2``: ResBlock, SpatialTransformer, ResBlock;
+- ``output_blocks.N.M``: per level ``num_res_blocks + 1`` ResBlocks on the concatenated skip
+  connection, transformers as on the way down, and an ``Upsample`` (``conv``) closing each level
+  but the last;
+- ``out.0/2``: GroupNorm, SiLU, conv.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openldm.config import UNetConfig
+from openldm.nn.attention import GroupNorm32, SpatialTransformer
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps as (B, dim) fp32: the cosine half first."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def normalization(channels: int) -> GroupNorm32:
+    """The reference's ``normalization``: 32 groups, eps 1e-5, computed in fp32."""
+    return GroupNorm32(32, channels, eps=1e-5)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the timestep embedding added in between, plus a skip connection."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        # Index 2 is the reference's dropout (p=0 in every Stable Diffusion config).
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Identity(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.out_layers[3].weight)
+        nn.init.zeros_(self.out_layers[3].bias)
+        if out_channels == channels:
+            self.skip_connection: nn.Module = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """A 3x3 stride-2 conv (key ``op``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv (key ``conv``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential that hands the embedding to ResBlocks and the context to transformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """The UNet, built from a :class:`~openldm.config.UNetConfig`.
+
+    Cheap to build on the meta device (``with torch.device("meta"): UNetModel(cfg)``) and then
+    fill with ``load_state_dict(sd, assign=True, strict=True)``.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        mc = config.model_channels
+        emb_dim = mc * 4
+        n_levels = len(config.channel_mult)
+        disable_sa = config.disable_self_attentions or (False,) * n_levels
+
+        def transformer(ch: int, disable_self_attn: bool) -> SpatialTransformer:
+            heads, dim_head = config.heads_for(ch)
+            return SpatialTransformer(
+                ch,
+                heads,
+                dim_head,
+                config.transformer_depth,
+                config.context_dim,
+                disable_self_attn=disable_self_attn,
+                use_linear=config.use_linear_in_transformer,
+                upcast=config.upcast_attention,
+            )
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if isinstance(config.num_classes, int):
+            self.label_emb: nn.Module | None = nn.Embedding(config.num_classes, emb_dim)
+        elif config.num_classes == "sequential":
+            assert config.adm_in_channels is not None
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+                )
+            )
+        else:
+            self.label_emb = None
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
+        )
+        skip_channels = [mc]
+        ch = mc
+        for level, mult in enumerate(config.channel_mult):
+            attention = 2**level in config.attention_resolutions
+            for _ in range(config.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
+                ch = mult * mc
+                if attention:
+                    layers.append(transformer(ch, disable_sa[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != n_levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch), transformer(ch, False), ResBlock(ch, emb_dim, ch)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mult))):
+            attention = 2**level in config.attention_resolutions
+            for i in range(config.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc)]
+                ch = mult * mc
+                if attention:
+                    layers.append(transformer(ch, disable_sa[level]))
+                if level and i == config.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1)
+        )
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict noise (or v) for latents ``x`` (B, C, H, W) at ``timesteps`` (B,).
+
+        ``context`` is the (B, N, context_dim) text conditioning; ``y`` the class input: int labels
+        (B,) for an integer class embedding (the x4 upscaler's noise level), a (B, adm_in_channels)
+        vector for ``num_classes="sequential"`` (unCLIP's image embedding).
+        """
+        if context is None:
+            raise ValueError("the UNet needs a context tensor (B, N, context_dim) for its cross-attention")
+        if self.label_emb is None and y is not None:
+            raise ValueError("y was given but this UNet has no class conditioning (num_classes is None)")
+        if self.label_emb is not None and y is None:
+            raise ValueError(
+                f"this UNet is class-conditioned (num_classes={self.config.num_classes!r}); pass y"
+            )
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if self.label_emb is not None:
+            assert y is not None
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"y has batch size {y.shape[0]}, x has {x.shape[0]}")
+            emb = emb + self.label_emb(y if isinstance(self.label_emb, nn.Embedding) else y.to(dtype))
+
+        h = x.to(dtype)
+        context = context.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype)
