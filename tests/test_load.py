@@ -403,6 +403,10 @@ def test_diffusers_folder_without_weights(tmp_path: Path, tokenizer_files: Path)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(MissingWeightsError, match="unet"):
         openldm.load(folder)
+    with pytest.raises(MissingWeightsError, match="fp16"):  # an explicit variant has no fallback
+        openldm.load(
+            _write_diffusers(_original("sd1"), tmp_path / "b", tokenizer_files, None), variant="fp16"
+        )
 
 
 def test_missing_path(tmp_path: Path) -> None:

@@ -636,7 +636,8 @@ def _check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, sou
     if problems:
         raise CorruptCheckpointError(
             source,
-            f"the {what} weights do not fit the {what} they describe: " + "; ".join(problems),
+            f"the {what} weights do not fit the {what} they describe (key names without the file's prefix): "
+            + "; ".join(problems),
             "The file is incomplete or modified; use the original file, or pass config=/preset= if the "
             "sizes were read wrongly",
         )
