@@ -240,6 +240,19 @@ def write_text_encoder_4x(folder: Path, spec: ModelSpec, oracle: torch.nn.Module
     _write_json(folder / "config.json", config)
 
 
+def _save_quietly(model: Any, folder: Path) -> None:
+    """transformers' ``save_pretrained`` without its progress bar (it clutters ``pytest -s``)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def write_diffusers_folder(
     folder: Path, variant: str, spec: ModelSpec, oracles: Oracles, text_5x: bool
 ) -> None:
@@ -259,7 +272,7 @@ def write_diffusers_folder(
     oracles.unet.save_pretrained(folder / "unet")
     oracles.vae.save_pretrained(folder / "vae")
     if text_5x:
-        oracles.text.save_pretrained(folder / "text_encoder")
+        _save_quietly(oracles.text, folder / "text_encoder")
     else:
         write_text_encoder_4x(folder / "text_encoder", spec, oracles.text)
     write_tokenizer(folder / "tokenizer", pad_token(spec))
@@ -345,14 +358,17 @@ def reference_yaml(spec: ModelSpec) -> dict[str, Any]:
         "attention_resolutions": sorted(u.attention_resolutions, reverse=True),
         "num_res_blocks": u.num_res_blocks,
         "channel_mult": list(u.channel_mult),
-        "num_heads": -1 if u.num_heads is None else u.num_heads,
-        "num_head_channels": -1 if u.num_head_channels is None else u.num_head_channels,
         "use_spatial_transformer": True,
         "use_linear_in_transformer": u.use_linear_in_transformer,
         "transformer_depth": u.transformer_depth,
         "context_dim": u.context_dim,
         "legacy": False,
     }
+    # The reference yamls name only the one that is set (SD 1: num_heads, SD 2: num_head_channels).
+    if u.num_heads is not None:
+        unet_params["num_heads"] = u.num_heads
+    else:
+        unet_params["num_head_channels"] = u.num_head_channels
     if u.disable_self_attentions is not None:
         unet_params["disable_self_attentions"] = list(u.disable_self_attentions)
         unet_params["disable_middle_self_attn"] = False

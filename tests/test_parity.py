@@ -232,3 +232,15 @@ def test_extras(case) -> None:
     for name, tensors in expected.items():
         assert model.extras[name].keys() == tensors.keys()
         assert all(torch.equal(model.extras[name][k], v) for k, v in tensors.items())
+
+
+def test_text_encoder_files_have_the_layouts_under_test(world: World) -> None:
+    """The 4.x folder has ``text_model.`` keys, the folder transformers saved today has none."""
+    from safetensors import safe_open
+
+    world.load(TEXT_5X_VARIANT, "diffusers")  # writes the files if another variant's are on disk
+    folder = world.root / TEXT_5X_VARIANT
+    for name, prefixed in (("diffusers", True), ("diffusers-5x", False)):
+        with safe_open(folder / name / "text_encoder" / "model.safetensors", "pt") as f:
+            keys = list(f.keys())
+        assert keys and all(k.startswith("text_model.") == prefixed for k in keys), name
