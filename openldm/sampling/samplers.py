@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from openldm.sampling.dpm_solver import multistep_sigmas, sample_dpmpp_2m, sample_dpmpp_2m_sde
 from openldm.sampling.schedule import NoiseSchedule, Spacing
+from openldm.sampling.unipc import sample_unipc
 
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -264,12 +266,15 @@ class SamplerInfo:
     initial_sigma: Callable[[torch.Tensor], float]
     stochastic: bool = False
     ddpm_final: bool = False
+    schedule_fn: Callable[[NoiseSchedule, int, Spacing, bool], torch.Tensor] | None = None
 
     def sigmas(
         self, schedule: NoiseSchedule, steps: int, spacing: Spacing | None = None, karras: bool = False
     ) -> torch.Tensor:
         """The sigma schedule this sampler expects: ``schedule.sigmas`` with its final 0 replaced by the
         first training sigma for ``ddpm_final`` samplers."""
+        if self.schedule_fn is not None:
+            return self.schedule_fn(schedule, steps, spacing or self.spacing, karras)
         sigmas = schedule.sigmas(steps, spacing or self.spacing, karras=karras)
         if self.ddpm_final:
             sigmas[-1] = min(schedule.sigma_min, float(sigmas[-2]))
@@ -283,6 +288,18 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "euler_a": SamplerInfo(sample_euler_ancestral, "Euler a", "linspace", _sigma_start, stochastic=True),
     "heun": SamplerInfo(sample_heun, "Heun", "linspace", _sigma_start),
     "lms": SamplerInfo(sample_lms, "LMS", "linspace", _sigma_start),
+    "dpmpp_2m": SamplerInfo(
+        sample_dpmpp_2m, "DPM++ 2M", "leading", _unit_ddpm_start, schedule_fn=multistep_sigmas
+    ),
+    "dpmpp_2m_sde": SamplerInfo(
+        sample_dpmpp_2m_sde,
+        "DPM++ 2M SDE",
+        "leading",
+        _unit_ddpm_start,
+        stochastic=True,
+        schedule_fn=multistep_sigmas,
+    ),
+    "unipc": SamplerInfo(sample_unipc, "UniPC", "leading", _unit_ddpm_start, schedule_fn=multistep_sigmas),
 }
 
 
