@@ -1,0 +1,1 @@
+"""Procedurally rendered shape scenes: the embedded model's dataset and its prompt-fidelity evaluator."""

@@ -1,0 +1,154 @@
+"""Captions for shape scenes: varied templates and synonyms, deterministic given a numpy Generator.
+
+Every caption names each object's colour and kind (possibly through a synonym, and through a count when
+the same coloured kind repeats). Positions are said absolutely ("in the top left corner") or through
+relations derived from the grid ("above", "below", "to the left of", "to the right of").
+``explicit_caption`` is the single canonical form used for evaluation: it states every scored attribute.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from openldm.shapes.render import Scene, ShapeObject, cell_of
+
+# The first word is the canonical one; it is also the one used most often in training captions.
+COLOUR_WORDS: dict[str, tuple[str, ...]] = {
+    "red": ("red", "crimson", "scarlet"),
+    "orange": ("orange", "tangerine"),
+    "yellow": ("yellow", "golden", "lemon"),
+    "green": ("green", "emerald"),
+    "cyan": ("cyan", "turquoise", "aqua"),
+    "blue": ("blue", "azure", "cobalt"),
+    "purple": ("purple", "violet"),
+    "pink": ("pink", "rose"),
+    "white": ("white",),
+    "black": ("black",),
+}
+KIND_WORDS: dict[str, tuple[tuple[str, str], ...]] = {  # (singular, plural)
+    "circle": (("circle", "circles"), ("disc", "discs"), ("dot", "dots")),
+    "square": (("square", "squares"), ("box", "boxes")),
+    "triangle": (("triangle", "triangles"),),
+    "diamond": (("diamond", "diamonds"), ("rhombus", "rhombuses")),
+}
+POSITION_PHRASES: dict[str, tuple[str, ...]] = {
+    "top left": ("in the top left corner", "at the top left", "in the upper left"),
+    "top": ("at the top", "at the top centre", "along the top edge"),
+    "top right": ("in the top right corner", "at the top right", "in the upper right"),
+    "left": ("on the left", "at the left side", "on the left edge"),
+    "centre": ("in the centre", "in the middle", "at the center"),
+    "right": ("on the right", "at the right side", "on the right edge"),
+    "bottom left": ("in the bottom left corner", "at the bottom left", "in the lower left"),
+    "bottom": ("at the bottom", "at the bottom centre", "along the bottom edge"),
+    "bottom right": ("in the bottom right corner", "at the bottom right", "in the lower right"),
+}
+NUMBERS = ("no", "one", "two", "three")
+PREFIXES = ("", "", "", "a picture of ", "an image of ", "a drawing of ", "a simple illustration of ")
+BACKGROUND_TEMPLATES = (" on {} background", " on {} background", " against {} backdrop", " on {}")
+SYNONYM_RATE = 0.3  # how often a synonym replaces the canonical word
+
+
+def _pick(rng: np.random.Generator, options: tuple, canonical_first: bool = True) -> object:
+    if canonical_first and (len(options) == 1 or rng.random() >= SYNONYM_RATE):
+        return options[0]
+    return options[int(rng.integers(len(options)))]
+
+
+def _colour(colour: str, rng: np.random.Generator | None) -> str:
+    return COLOUR_WORDS[colour][0] if rng is None else str(_pick(rng, COLOUR_WORDS[colour]))
+
+
+def _kind(kind: str, count: int, rng: np.random.Generator | None) -> str:
+    words = KIND_WORDS[kind][0] if rng is None else _pick(rng, KIND_WORDS[kind])
+    return words[0] if count == 1 else words[1]
+
+
+def _position(position: str, rng: np.random.Generator | None) -> str:
+    return (
+        POSITION_PHRASES[position][0] if rng is None else str(_pick(rng, POSITION_PHRASES[position], False))
+    )
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _noun(obj: ShapeObject, rng: np.random.Generator | None, with_size: bool = False) -> str:
+    size = f"{obj.size} " if with_size and obj.size != "medium" else ""
+    return _a(f"{size}{_colour(obj.colour, rng)} {_kind(obj.kind, 1, rng)}")
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def relation(a: ShapeObject, b: ShapeObject) -> str:
+    """The grid relation of ``a`` to ``b``: vertical when their rows differ, else horizontal."""
+    (ra, ca), (rb, cb) = cell_of(a.position), cell_of(b.position)
+    if ra != rb:
+        return "above" if ra < rb else "below"
+    return "to the left of" if ca < cb else "to the right of"
+
+
+def _groups(scene: Scene) -> list[list[ShapeObject]]:
+    """Objects grouped by (colour, kind), in order of first appearance."""
+    counts = Counter((o.colour, o.kind) for o in scene.objects)
+    return [[o for o in scene.objects if (o.colour, o.kind) == key] for key in counts]
+
+
+def _background(scene: Scene, rng: np.random.Generator) -> str:
+    template = str(_pick(rng, BACKGROUND_TEMPLATES, False))
+    word = _colour(scene.background, rng)
+    return template.format(word if template == " on {}" else _a(word))
+
+
+def _listing(scene: Scene, rng: np.random.Generator, with_positions: bool) -> str:
+    parts = []
+    for group in _groups(scene):
+        first = group[0]
+        if len(group) == 1:
+            text = _noun(first, rng, with_size=rng.random() < 0.2)
+            if with_positions:
+                text += " " + _position(first.position, rng)
+        else:
+            text = f"{NUMBERS[len(group)]} {_colour(first.colour, rng)} {_kind(first.kind, len(group), rng)}"
+            if with_positions:
+                text += " " + _join([_position(o.position, rng) for o in group])
+        parts.append(text)
+    return _join(parts)
+
+
+def _relational(scene: Scene, rng: np.random.Generator) -> str:
+    order = rng.permutation(len(scene.objects))
+    a, b = scene.objects[order[0]], scene.objects[order[1]]
+    text = f"{_noun(a, rng)} {relation(a, b)} {_noun(b, rng)}"
+    if len(scene.objects) == 3:
+        c = scene.objects[order[2]]
+        text += f", and {_noun(c, rng)} {_position(c.position, rng)}"
+    return text
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A varied caption of ``scene``; the same generator state gives the same caption."""
+    repeats = len(_groups(scene)) < len(scene.objects)
+    style = rng.random()
+    if len(scene.objects) >= 2 and not repeats and style < 0.3:
+        body = _relational(scene, rng)
+    else:
+        body = _listing(scene, rng, with_positions=style < 0.85)
+    if rng.random() < 0.7:
+        body += _background(scene, rng)
+    return str(_pick(rng, PREFIXES, False)) + body
+
+
+def explicit_caption(scene: Scene) -> str:
+    """The canonical caption stating every object's colour, kind, position and count, and the background."""
+    parts = []
+    for group in _groups(scene):
+        first = group[0]
+        words = f"{_colour(first.colour, None)} {_kind(first.kind, len(group), None)}"
+        noun = _a(words) if len(group) == 1 else f"{NUMBERS[len(group)]} {words}"
+        parts.append(noun + " " + _join([_position(o.position, None) for o in group]))
+    return _join(parts) + " on " + _a(f"{scene.background} background")

@@ -1,0 +1,139 @@
+"""The procedural shapes dataset (render, captions, dataset) and its prompt-fidelity evaluator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from openldm.shapes.captions import COLOUR_WORDS, KIND_WORDS, caption, explicit_caption, relation
+from openldm.shapes.dataset import HELD_OUT, ShapesDataset, evaluation_scenes, sample_scene, to_tensor
+from openldm.shapes.evaluate import degrade, detect_objects, evaluate, format_table, score
+from openldm.shapes.render import PALETTE, Scene, ShapeObject, render
+
+SIZE_ORDER = ("small", "medium", "large")
+
+
+def _mentions(text: str, obj: ShapeObject) -> bool:
+    colour = any(word in text for word in COLOUR_WORDS[obj.colour])
+    kind = any(word in text for pair in KIND_WORDS[obj.kind] for word in pair)
+    return colour and kind
+
+
+def test_same_seed_and_index_give_the_same_sample_in_any_order():
+    a, b = ShapesDataset(seed=3), ShapesDataset(seed=3)
+    forward = [a[i] for i in range(6)]
+    backward = [b[i] for i in reversed(range(6))][::-1]
+    for x, y in zip(forward, backward, strict=True):
+        assert x.caption == y.caption and x.scene == y.scene
+        assert np.array_equal(np.asarray(x.image), np.asarray(y.image))
+        assert np.array_equal(x.depth, y.depth)
+    other = ShapesDataset(seed=4)
+    assert [other[i].scene for i in range(6)] != [s.scene for s in forward]
+
+
+def test_held_out_pairs_never_appear_in_training_samples():
+    data = ShapesDataset(seed=0, length=250)
+    pairs = {(o.colour, o.kind) for i in range(len(data)) for o in data[i].scene.objects}
+    assert not pairs & HELD_OUT
+    assert len(pairs) >= 20  # every other pair shows up
+    held = evaluation_scenes(seed=0, n=10, held_out_only=True)
+    assert all((s.objects[0].colour, s.objects[0].kind) in HELD_OUT for _, s in held)
+    assert {(s.objects[0].colour, s.objects[0].kind) for _, s in held} == HELD_OUT
+    seen = evaluation_scenes(seed=0, n=20, held_out_only=False)
+    assert not {(o.colour, o.kind) for _, s in seen for o in s.objects} & HELD_OUT
+
+
+def test_captions_name_every_object_and_are_deterministic():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = sample_scene(rng, HELD_OUT)
+        text = caption(scene, np.random.default_rng(7))
+        assert text == caption(scene, np.random.default_rng(7))
+        assert all(_mentions(text, o) for o in scene.objects), text
+        assert all(_mentions(explicit_caption(scene), o) for o in scene.objects)
+
+
+def test_explicit_caption_counts_and_relations():
+    def obj(colour, kind, position):
+        return ShapeObject(kind=kind, colour=colour, size="medium", position=position)
+
+    two = Scene("white", (obj("green", "triangle", "top left"), obj("green", "triangle", "bottom")))
+    assert (
+        explicit_caption(two)
+        == "two green triangles in the top left corner and at the bottom on a white background"
+    )
+    red, blue = obj("red", "circle", "top"), obj("blue", "square", "centre")
+    assert relation(red, blue) == "above" and relation(blue, red) == "below"
+    assert relation(obj("red", "circle", "left"), blue) == "to the left of"
+    one = Scene("blue", (obj("orange", "circle", "centre"),))
+    assert explicit_caption(one) == "an orange circle in the centre on a blue background"
+    with pytest.raises(ValueError, match="background colour"):
+        Scene("red", (obj("red", "circle", "top"),))
+
+
+def test_masks_have_the_object_colour_and_depth_is_ordered():
+    data = ShapesDataset(seed=1, size=64)
+    for i in range(20):
+        sample = data[i]
+        pixels = np.asarray(sample.image, dtype=np.float32)
+        background = np.asarray(PALETTE[sample.scene.background], dtype=np.float32)
+        assert sample.masks.shape == (len(sample.scene.objects), 64, 64) and sample.depth.shape == (64, 64)
+        assert not (sample.masks.sum(0) > 1).any()  # no overlap
+        for obj, mask in zip(sample.scene.objects, sample.masks, strict=True):
+            colour = np.asarray(PALETTE[obj.colour], dtype=np.float32)
+            inside = pixels[mask]
+            assert mask.sum() > 20
+            # Every mask pixel is at least half the object's colour; most are exactly it.
+            assert (np.abs(inside - colour).sum(-1) <= np.abs(inside - background).sum(-1) + 1).all()
+            assert (np.abs(inside - colour).max(-1) == 0).mean() > 0.5
+            assert np.allclose(np.median(sample.depth[mask]), obj.depth, atol=1e-6)
+        background_depth = sample.depth[~sample.masks.any(0)]
+        assert background_depth.max() < min(o.depth for o in sample.scene.objects)
+        # Larger shapes stand nearer (larger = nearer, MiDaS convention).
+        order = sorted(sample.scene.objects, key=lambda o: o.depth)
+        sizes = [SIZE_ORDER.index(o.size) for o in order]
+        assert sizes == sorted(sizes)
+
+
+def test_to_tensor_range_and_layout():
+    sample = ShapesDataset(seed=0, size=32)[0]
+    tensor = to_tensor(sample.image)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    assert -1.0 <= tensor.min() and tensor.max() <= 1.0
+    colour = torch.tensor(PALETTE[sample.scene.background], dtype=torch.float32) / 127.5 - 1
+    assert torch.allclose(tensor[:, 0, 0], colour) or sample.masks[:, 0, 0].any()
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_detector_is_at_least_99_percent_on_ground_truth(size):
+    data = ShapesDataset(seed=11, size=size)
+    samples = [data[i] for i in range(150 if size == 64 else 30)]
+    result = evaluate([s.image for s in samples], [s.scene for s in samples])
+    for attribute in ("colour", "kind", "position", "count"):
+        assert result[attribute] >= 0.99, (attribute, result)
+
+
+def test_detector_is_robust_to_degraded_images():
+    data = ShapesDataset(seed=12, size=64)
+    rng = np.random.default_rng(0)
+    samples = [data[i] for i in range(80)]
+    images = [degrade(s.image, rng) for s in samples]
+    result = evaluate(images, [s.scene for s in samples])
+    for attribute in ("colour", "kind", "position", "count"):
+        assert result[attribute] >= 0.97, (attribute, result)
+
+
+def test_score_penalises_wrong_attributes():
+    scene = Scene("white", (ShapeObject("circle", "red", "large", "top left"),))
+    detections = detect_objects(render(scene, 64).image)
+    assert [(d.kind, d.colour, d.position) for d in detections] == [("circle", "red", "top left")]
+    assert score(scene, detections)["scene"] == 1.0
+    wrong = Scene("white", (ShapeObject("square", "blue", "large", "bottom"),))
+    result = score(wrong, detections)
+    assert result["colour"] == result["kind"] == result["position"] == result["count"] == 0.0
+    twice = Scene("white", (scene.objects[0], ShapeObject("circle", "red", "small", "centre")))
+    assert score(twice, detections)["count"] == 0.0
+    assert score(scene, [])["colour"] == 0.0
+    table = format_table({"seen": evaluate([render(scene, 64).image], [scene])})
+    assert "| seen | 1 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 |" in table
