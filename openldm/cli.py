@@ -1,12 +1,47 @@
-"""The ``openldm`` command line: a thin layer over the Python API."""
+"""The ``openldm`` command line: a thin layer over the Python API.
+
+``txt2img`` and ``img2img`` accept the reference scripts' flags (``scripts/txt2img.py`` and
+``scripts/img2img.py`` of the Stable Diffusion repositories) with their defaults, and write what they
+write: ``OUTDIR/samples/00000.png``, ... (numbered on from the files already there) and a grid
+``OUTDIR/grid-0000.png``; each PNG carries its generation parameters as the popular web UI writes them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from openldm.checkpoints.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from openldm.checkpoints.load import StableDiffusion
+
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+# Guidance scale defaults of the reference scripts: SD 1's, and SD 2's (for SD 2 models).
+DEFAULT_SCALES = {"txt2img": (7.5, 9.0), "img2img": (5.0, 9.0)}
+_SAMPLE_NAME = re.compile(r"(\d{5})\.png")
+_GRID_NAME = re.compile(r"grid-(\d{4})\.png")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported on one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``openldm: error: ...``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"openldm: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# --- inspect -----------------------------------------------------------------------------------
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -17,8 +52,280 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- txt2img / img2img -------------------------------------------------------------------------
+
+
+def _sampler_name(args: argparse.Namespace) -> str:
+    """--sampler wins; else --dpm / --plms as in the reference; else DDIM, the reference's default."""
+    from openldm.sampling.samplers import SAMPLERS
+
+    if args.sampler is not None:
+        name = args.sampler
+    elif args.dpm:
+        name = "dpmpp_2m"
+    elif args.plms:
+        name = "plms"
+    else:
+        name = "ddim"
+    if name not in SAMPLERS:
+        raise UsageError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return name
+
+
+def _check_input(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the checkpoint is read."""
+    for flag, value in (("--H", args.H), ("--W", args.W)):
+        if value is not None and (value <= 0 or value % 8):
+            raise UsageError(f"{flag} must be a positive multiple of 8, got {value}")
+    for flag, value in (
+        ("--ddim_steps", args.ddim_steps),
+        ("--n_samples", args.n_samples),
+        ("--n_iter", args.n_iter),
+    ):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.scale is not None and args.scale < 0:
+        raise UsageError(f"--scale must be >= 0, got {args.scale}")
+    if args.ddim_eta is not None and args.ddim_eta < 0:
+        raise UsageError(f"--ddim_eta must be >= 0, got {args.ddim_eta}")
+    if args.command == "img2img" and not 0.0 <= args.strength <= 1.0:
+        raise UsageError(f"--strength must be between 0 and 1, got {args.strength}")
+    if args.from_file is not None and not Path(args.from_file).is_file():
+        raise UsageError(f"--from-file {args.from_file!r} does not exist")
+    if args.ckpt is None:
+        raise UsageError(
+            "no --ckpt given, and the embedded default model does not exist yet: "
+            "pass --ckpt path/to/model.safetensors (or a diffusers folder)"
+        )
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is not None:
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _precision(flag: str, device: str) -> str:
+    """The reference's ``autocast`` means fp16 on a GPU; on the CPU it runs in full precision."""
+    if flag == "autocast":
+        return "fp32" if device == "cpu" else "fp16"
+    return "fp32" if flag == "full" else flag
+
+
+def _prompt_batches(args: argparse.Namespace) -> list[list[str]]:
+    """One batch of the prompt; or the file's non-empty lines, ``n_samples`` prompts per batch."""
+    if args.from_file is None:
+        return [[args.prompt]]
+    try:
+        lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --from-file {args.from_file!r} ({e})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"--from-file {args.from_file!r} holds no prompts (one per line)")
+    return [prompts[i : i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+
+
+def _check_model(args: argparse.Namespace, model: StableDiffusion) -> None:
+    spec = model.spec
+    if args.C != spec.vae.embed_dim:
+        raise UsageError(f"--C {args.C} does not match the model's {spec.vae.embed_dim} latent channels")
+    if args.f != spec.vae.downsampling_factor:
+        raise UsageError(
+            f"--f {args.f} does not match the model's downsampling factor {spec.vae.downsampling_factor}"
+        )
+
+
+def _next_number(folder: Path, pattern: re.Pattern[str]) -> int:
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def _save_outputs(args: argparse.Namespace, images: list[Image.Image]) -> None:
+    from openldm.images import image_grid, save_png
+
+    outdir = Path(args.outdir)
+    samples = outdir / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    if not args.skip_save:
+        start = _next_number(samples, _SAMPLE_NAME)
+        for i, image in enumerate(images):
+            save_png(image, samples / f"{start + i:05}.png")
+        print(f"openldm: wrote {len(images)} images to {samples}", file=sys.stderr)
+    if not args.skip_grid:
+        grid = image_grid(images, args.n_rows if args.n_rows > 0 else args.n_samples)
+        path = save_png(
+            grid, outdir / f"grid-{_next_number(outdir, _GRID_NAME):04}.png", images[0].info.get("parameters")
+        )
+        print(f"openldm: wrote {path}", file=sys.stderr)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from openldm.checkpoints.load import load
+    from openldm.images import load_image
+
+    sampler = _sampler_name(args)
+    _check_input(args)
+    batches = _prompt_batches(args)
+    init_image = load_image(args.init_img) if args.command == "img2img" else None
+    device = _device(args.device)
+    precision = _precision(args.precision, device)
+    model = load(
+        args.ckpt, config=args.config, device=device, dtype=torch.float32 if precision == "fp32" else None
+    )
+    _check_model(args, model)
+    low, high = DEFAULT_SCALES[args.command]
+    options: dict[str, Any] = {
+        "steps": args.ddim_steps,
+        "guidance_scale": args.scale
+        if args.scale is not None
+        else (high if model.spec.variant == "sd2" else low),
+        "width": args.W,
+        "height": args.H,
+        "sampler": sampler,
+        "seed": args.seed,
+        "n_iter": args.n_iter,
+        "eta": args.ddim_eta,
+        "karras": args.karras,
+        "weighting": not args.no_weighting,
+        "precision": precision,
+        "fixed_code": args.fixed_code,
+    }
+    if args.command == "img2img":
+        options["strength"] = args.strength
+    images: list[Image.Image] = []
+    for prompts in batches:
+        # The prompt: n_samples images of it; a file: a batch of up to n_samples prompts, one image each.
+        n_samples = args.n_samples if args.from_file is None else 1
+        if args.command == "txt2img":
+            result = model.txt2img(prompts, args.negative_prompt, n_samples=n_samples, **options)
+        else:
+            result = model.img2img(prompts, init_image, args.negative_prompt, n_samples=n_samples, **options)
+        images += result.images
+    _save_outputs(args, images)
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+_EXAMPLES = {
+    "txt2img": """examples:
+  openldm txt2img --ckpt v1-5-pruned-emaonly.safetensors --prompt "an astronaut riding a horse"
+  openldm txt2img --ckpt v2-1_768-ema-pruned.safetensors --config v2-inference-v.yaml \\
+      --prompt "a lighthouse at dawn" --negative-prompt "blurry" --H 768 --W 768 --n_samples 1 --n_iter 1
+  openldm txt2img --ckpt model.safetensors --from-file prompts.txt --sampler dpmpp_2m --karras --ddim_steps 25
+  openldm txt2img --ckpt model.safetensors --prompt "a (red:1.3) fox in [fog]" --seed 7 --skip_grid
+
+Every PNG carries its parameters (prompt, negative prompt, steps, sampler, CFG scale, seed, size, model)
+in a "parameters" text chunk, as the popular web UI writes it. The same seed gives the same image on
+every device: the noise is drawn on the CPU.""",
+    "img2img": """examples:
+  openldm img2img --ckpt v1-5-pruned-emaonly.safetensors --init-img sketch.png \\
+      --prompt "a fantasy landscape, trending on artstation" --strength 0.75
+  openldm img2img --ckpt model.safetensors --init-img photo.jpg --prompt "an oil painting" \\
+      --strength 0.5 --sampler euler_a --ddim_steps 30 --n_samples 1
+
+--strength 0 returns the init image (through the VAE), 1 redraws it entirely; int(strength * steps)
+steps run. The init image is resized down to a multiple of 64 per side (as the reference script does)
+unless --H/--W ask for a size.""",
+}
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    from openldm.sampling.samplers import SAMPLERS
+
+    img = command == "img2img"
+    low, high = DEFAULT_SCALES[command]
+    add = parser.add_argument
+    add("--prompt", default=DEFAULT_PROMPT, help="the prompt to render (default: %(default)r)")
+    add("--negative-prompt", default="", help="what to guide away from (default: none)")
+    if img:
+        add("--init-img", required=True, help="path to the input image")
+        add(
+            "--strength",
+            type=float,
+            default=0.75,
+            help="how much of the init image is redrawn, 0..1 (default: %(default)s; SD 2's script used 0.8)",
+        )
+    add(
+        "--outdir",
+        default=f"outputs/{command}-samples",
+        help="dir to write results to (default: %(default)s)",
+    )
+    add("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
+    add("--skip_save", action="store_true", help="do not save individual samples")
+    add(
+        "--ddim_steps",
+        "--steps",
+        type=int,
+        default=50,
+        help="number of sampling steps (default: %(default)s)",
+    )
+    add("--sampler", help=f"sampler: {', '.join(SAMPLERS)} (default: ddim, as the reference)")
+    add("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
+    add("--dpm", "--dpm_solver", action="store_true", help="use DPM-Solver++ (same as --sampler dpmpp_2m)")
+    add("--karras", action="store_true", help="Karras et al.'s spacing of the noise levels")
+    add("--fixed_code", action="store_true", help="use the same starting noise for every repeat (--n_iter)")
+    add(
+        "--ddim_eta",
+        type=float,
+        default=None,
+        help="DDIM eta, or the ancestral samplers' noise "
+        "(default: the sampler's own, 0 for DDIM: deterministic)",
+    )
+    add("--n_iter", type=int, default=1 if img else 3, help="sample this often (default: %(default)s)")
+    size = "the init image's size" if img else "the model's image size"
+    add(
+        "--H",
+        type=int,
+        default=None,
+        help=f"image height in pixels, a multiple of 64 for SD (default: {size})",
+    )
+    add(
+        "--W",
+        type=int,
+        default=None,
+        help=f"image width in pixels, a multiple of 64 for SD (default: {size})",
+    )
+    add("--C", type=int, default=4, help="latent channels (must match the model; default: %(default)s)")
+    add("--f", type=int, default=8, help="downsampling factor (must match the model; default: %(default)s)")
+    add(
+        "--n_samples",
+        type=int,
+        default=2 if img else 3,
+        help="images per prompt, a.k.a. batch size (default: %(default)s)",
+    )
+    add("--n_rows", type=int, default=0, help="images per row of the grid (default: n_samples)")
+    add(
+        "--scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale "
+        f"(default: {low}, {high} for SD 2 models, as the reference scripts)",
+    )
+    add("--from-file", help="read prompts from this file, one per line")
+    add("--ckpt", help="the model: a .safetensors/.ckpt file or a diffusers folder")
+    add("--config", help="the reference's yaml config of the checkpoint (gives the prediction type)")
+    add("--seed", type=int, default=42, help="the seed (for reproducible sampling; default: %(default)s)")
+    add(
+        "--precision",
+        choices=["autocast", "full", "fp32", "fp16", "bf16"],
+        default="autocast",
+        help="autocast: fp16 on a GPU, fp32 on the CPU; full: fp32 (default: %(default)s)",
+    )
+    add("--device", help="cpu, cuda, cuda:1, mps... (default: cuda, else mps, else cpu)")
+    add("--no-weighting", action="store_true", help="read (word:1.3), (word), [word] as plain text")
+    parser.set_defaults(run=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="openldm",
         description="Stable Diffusion, exact and open. Each command has its own --help.",
     )
@@ -35,17 +342,42 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", help="the reference's yaml config (gives the prediction type)")
     inspect.add_argument("--prediction-type", choices=["eps", "v"], help="override the prediction type")
     inspect.set_defaults(run=_inspect)
+
+    descriptions = {
+        "txt2img": "Generate images from a text prompt (the reference's scripts/txt2img.py flags).",
+        "img2img": "Redraw an image after a text prompt (the reference's scripts/img2img.py flags).",
+    }
+    for command, description in descriptions.items():
+        sub = commands.add_parser(
+            command,
+            help=description.split(" (")[0].lower(),
+            description=description,
+            epilog=_EXAMPLES[command],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_generation_flags(sub, command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command; return the exit status (2 for bad input, 1 for a failed generation)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed on one line
+        return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.run(args)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"openldm: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from openldm.pipelines.common import NonFiniteOutputError
+
+        if not isinstance(error, NonFiniteOutputError):
+            raise
+        print(f"openldm: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

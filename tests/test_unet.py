@@ -293,3 +293,14 @@ def test_upcast_attention_keeps_dtype() -> None:
     out = run_ours(model.to(torch.bfloat16), inputs)
     assert out.dtype == torch.float32  # the output follows the input's dtype
     assert_close_rel(out, reference, tol=0.1)
+
+
+def test_latents_not_multiple_of_8_line_up_with_their_skips() -> None:
+    """Sides that the fixed 2x upsampling of the reference cannot handle (9 -> 5 -> 3 -> 5 != 6)."""
+    torch.manual_seed(0)
+    unet = UNetModel(TINY["sd1"].unet).eval()
+    x = torch.randn(1, 4, 9, 13)
+    context = torch.randn(1, 77, TINY["sd1"].unet.context_dim)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([10]), context=context)
+    assert out.shape == x.shape and torch.isfinite(out).all()

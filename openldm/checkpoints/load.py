@@ -36,7 +36,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -72,6 +72,9 @@ from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.unet import UNetModel
 from openldm.nn.vae import AutoencoderKL
 from openldm.tokenizer import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from openldm.pipelines.common import Generation
 
 log = logging.getLogger("openldm")
 
@@ -118,6 +121,25 @@ class StableDiffusion:
     # diffusers folder names ("depth_estimator", "image_encoder", ...).
     extras: dict[str, StateDict] = field(default_factory=dict)
     source: str = ""
+
+    def txt2img(
+        self, prompt: str | list[str], negative_prompt: str | list[str] = "", **options: Any
+    ) -> Generation:
+        """Text to image; see :func:`openldm.pipelines.txt2img.txt2img` for the options.
+
+        Returns a :class:`openldm.pipelines.common.Generation` (``.images``, ``.latents``, ...).
+        """
+        from openldm.pipelines.txt2img import txt2img
+
+        return txt2img(self, prompt, negative_prompt, **options)
+
+    def img2img(
+        self, prompt: str | list[str], init_image: Any, negative_prompt: str | list[str] = "", **options: Any
+    ) -> Generation:
+        """Image to image; see :func:`openldm.pipelines.img2img.img2img` for the options."""
+        from openldm.pipelines.img2img import img2img
+
+        return img2img(self, prompt, init_image, negative_prompt, **options)
 
 
 @dataclass

@@ -1,0 +1,410 @@
+"""What txt2img and img2img share: checks, seeds, conditioning, the denoise loop, precision, decoding.
+
+Latents live in the samplers' sigma space (``x = x0 + sigma * eps``) while sampling and are float32
+throughout; the networks run in the model's dtype, or under autocast when a lower precision is asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
+from openldm.prompts import encode_prompts
+from openldm.sampling.denoiser import CFGDenoiser, Denoiser
+from openldm.sampling.samplers import SAMPLERS, SamplerInfo, get_sampler
+from openldm.sampling.schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from openldm.checkpoints.load import StableDiffusion
+
+log = logging.getLogger("openldm")
+
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OutputType = Literal["pil", "np", "pt", "latent"]
+OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
+# Variants whose UNet takes the noisy latent alone (4 channels) and text: what txt2img/img2img drive.
+TEXT_TO_IMAGE_VARIANTS = ("sd1", "sd2")
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The sampler or the VAE produced NaN or infinite values (never saved as a black image)."""
+
+
+@dataclass
+class Generation:
+    """What a pipeline returns.
+
+    ``images``: a list of PIL images (``output_type="pil"``, each with its generation parameters in
+    ``image.info["parameters"]``), a float32 array [N, H, W, 3] in [0, 1] ("np"), a float32 tensor
+    [N, 3, H, W] in [0, 1] ("pt"), or None ("latent": nothing is decoded). ``latents``: the final
+    latents [N, 4, H/8, W/8] (scaled, as ``vae.from_latent`` reads them), float32 on the CPU.
+    ``parameters``: the web UI's parameters text of each image. ``seed``: the seed used.
+    """
+
+    images: list[Any] | np.ndarray | torch.Tensor | None
+    latents: torch.Tensor
+    parameters: list[str]
+    seed: int
+    settings: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def check_options(
+    model: StableDiffusion,
+    *,
+    steps: int,
+    guidance_scale: float,
+    sampler: str,
+    n_samples: int,
+    n_iter: int,
+    output_type: str,
+    precision: str | None,
+) -> SamplerInfo:
+    """Raise ``ValueError`` naming the first bad option; return the sampler's registry entry."""
+    if model.spec.variant not in TEXT_TO_IMAGE_VARIANTS:
+        raise ValueError(
+            f"this is a {model.spec.variant} model; txt2img and img2img need a text-to-image model "
+            f"({' or '.join(TEXT_TO_IMAGE_VARIANTS)})"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    if steps > model.spec.schedule.num_timesteps:
+        raise ValueError(f"steps must be at most {model.spec.schedule.num_timesteps}, got {steps}")
+    if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(
+            f"guidance scale must be a finite number >= 0 (1 turns guidance off), got {guidance_scale!r}"
+        )
+    for name, value in (("n_samples", n_samples), ("n_iter", n_iter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)} (or None)")
+    return get_sampler(sampler)
+
+
+def size_multiple(model: StableDiffusion) -> int:
+    """What image sides must be multiples of: the VAE's downsampling factor (8 for SD).
+
+    The UNet upsamples to the size of each skip connection, so latents of any size work (the
+    reference's UNet needs multiples of 64 pixels).
+    """
+    return model.spec.vae.downsampling_factor
+
+
+def check_size(width: int, height: int, multiple: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+            raise ValueError(
+                f"{name} must be a positive multiple of {multiple} for this model, got {value!r}"
+            )
+
+
+def batch_prompts(
+    prompt: str | Sequence[str], negative_prompt: str | Sequence[str], n_samples: int
+) -> tuple[list[str], list[str]]:
+    """The prompt and negative prompt of every image of a batch: each prompt ``n_samples`` times in a row."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    negatives = (
+        [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    )
+    if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
+        raise ValueError(
+            f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt), "
+            f"got {negative_prompt!r}"
+        )
+    return [p for p in prompts for _ in range(n_samples)], [p for p in negatives for _ in range(n_samples)]
+
+
+# --- seeds and noise ---------------------------------------------------------------------------
+
+
+def make_generator(seed: int | None, generator: torch.Generator | None = None) -> tuple[int, torch.Generator]:
+    """(seed, CPU generator): ``seed`` (random when None) seeds a new generator unless one is given."""
+    if seed is None:
+        seed = random.randrange(2**32)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
+    return seed, generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
+
+
+def draw_noise(generator: torch.Generator, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Unit normal noise drawn on the generator's device in float32, then moved: the same on every device."""
+    return torch.randn(list(shape), generator=generator, device=generator.device).to(device)
+
+
+# --- precision ---------------------------------------------------------------------------------
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def autocast(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to fp16/bf16 when asked; fp32 and None run the networks in the dtype they are stored in."""
+    if precision is None or precision == "fp32":
+        return contextlib.nullcontext()
+    if not torch.amp.is_autocast_available(device.type):
+        raise ValueError(
+            f"precision {precision!r} needs autocast, which {device.type} does not support; use fp32"
+        )
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def check_weights_precision(model: StableDiffusion, precision: str | None) -> None:
+    if precision == "fp32" and dtype_of(model.unet) != torch.float32:
+        raise ValueError(
+            f"precision 'fp32' asked but the weights are {dtype_of(model.unet)}; "
+            "load the model with dtype=torch.float32"
+        )
+
+
+# --- conditioning, schedule, sampling ----------------------------------------------------------
+
+
+def conditioning(
+    model: StableDiffusion, prompts: list[str], negatives: list[str], guidance_scale: float, weighting: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond, uncond) for classifier-free guidance, encoded in one batch so their lengths match.
+
+    With a guidance scale of 1 the unconditional half changes nothing and is not computed.
+    """
+    if guidance_scale == 1.0:
+        return encode_prompts(model.tokenizer, model.text_encoder, prompts, weighting=weighting).float(), None
+    both = encode_prompts(
+        model.tokenizer, model.text_encoder, negatives + prompts, weighting=weighting
+    ).float()
+    return both[len(negatives) :], both[: len(negatives)]
+
+
+def sampling_sigmas(model: StableDiffusion, info: SamplerInfo, steps: int, karras: bool) -> torch.Tensor:
+    """The float64 sigmas (``steps + 1``, descending, last 0) that ``info``'s sampler walks."""
+    return info.sigmas(NoiseSchedule(model.spec.schedule), steps, karras=karras)
+
+
+@dataclass
+class Sampling:
+    """One configured sampling run: ``sampling(x)`` denoises ``x`` (at ``sigmas[0]``) down ``sigmas``.
+
+    Latents are float32 in and out; the UNet runs in its dtype, or under autocast for fp16/bf16.
+    """
+
+    model: StableDiffusion
+    info: SamplerInfo
+    sigmas: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    guidance_scale: float
+    generator: torch.Generator
+    options: dict[str, Any]
+    precision: str | None
+    callback: Callback | None = None
+    bar: tqdm | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        dtype = dtype_of(model.unet)
+        denoiser = Denoiser(model.unet, NoiseSchedule(model.spec.schedule), model.spec.prediction_type)
+        uncond = None if self.uncond is None else self.uncond.to(dtype)
+        guided = CFGDenoiser(denoiser, self.cond.to(dtype), uncond, float(self.guidance_scale))
+
+        def x0_float(latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return guided(latent, sigma).float()
+
+        def step(i: int, total: int, latent: torch.Tensor, x0: torch.Tensor) -> None:
+            if self.bar is not None:
+                self.bar.update(1)
+            if self.callback is not None:
+                self.callback(i, total, latent, x0)
+
+        with autocast(device_of(model.unet), self.precision):
+            x = self.info.fn(
+                x0_float, x, self.sigmas, generator=self.generator, callback=step, **self.options
+            )
+        check_latents(x, self.precision)
+        return x
+
+
+def sampler_options(name: str, info: SamplerInfo, eta: float | None) -> dict[str, Any]:
+    """Keyword options for the sampler: ``eta`` when given (None keeps the sampler's own default)."""
+    if eta is None:
+        return {}
+    if not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if _has_eta(info):
+        return {"eta": float(eta)}
+    if eta != 0:
+        with_eta = ", ".join(n for n, i in SAMPLERS.items() if _has_eta(i))
+        raise ValueError(f"eta must be 0 for the {name} sampler: only {with_eta} have an eta")
+    return {}
+
+
+def _has_eta(info: SamplerInfo) -> bool:
+    return "eta" in inspect.signature(info.fn).parameters
+
+
+def progress_bar(total: int, show: bool, desc: str) -> tqdm:
+    return tqdm(total=total, disable=not show, desc=desc, unit="step", leave=False)
+
+
+# --- VAE ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _fp32_vae(model: StableDiffusion) -> Iterator[nn.Module]:
+    vae = model.vae if dtype_of(model.vae) == torch.float32 else copy.deepcopy(model.vae).float()
+    yield vae
+
+
+def _reduced(model: StableDiffusion, precision: str | None) -> bool:
+    return precision in ("fp16", "bf16") or dtype_of(model.vae) != torch.float32
+
+
+def vae_call(
+    model: StableDiffusion,
+    precision: str | None,
+    what: str,
+    run: Callable[[nn.Module], torch.Tensor],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``run(vae)`` in the chosen precision; NaN/inf from a reduced precision is retried in fp32.
+
+    The generator's state is restored for the retry, so a posterior sample draws the same noise.
+    A result still not finite raises :class:`NonFiniteOutputError`.
+    """
+    state = generator.get_state() if generator is not None else None
+    with autocast(device_of(model.vae), precision):
+        out = run(model.vae).float()
+    if torch.isfinite(out).all():
+        return out
+    if _reduced(model, precision):
+        log.warning(
+            "the VAE %s gave NaN/inf in %s; running it again in fp32", what, precision or dtype_of(model.vae)
+        )
+        if generator is not None and state is not None:
+            generator.set_state(state)
+        with _fp32_vae(model) as vae:
+            out = run(vae).float()
+        if torch.isfinite(out).all():
+            return out
+    raise NonFiniteOutputError(
+        f"the VAE {what} produced NaN/inf values even in fp32; the VAE weights are broken or the latents "
+        "are out of range (check the checkpoint, or lower the guidance scale)"
+    )
+
+
+def check_latents(latents: torch.Tensor, precision: str | None) -> None:
+    if not torch.isfinite(latents).all():
+        hint = "run with precision='fp32'" if precision in ("fp16", "bf16") else "check the checkpoint"
+        raise NonFiniteOutputError(f"sampling produced NaN/inf latents (the UNet overflowed?); {hint}")
+
+
+def decode(model: StableDiffusion, latents: torch.Tensor, precision: str | None) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1], float32 on the latents' device."""
+    device = device_of(model.vae)
+    return vae_call(
+        model, precision, "decoder", lambda vae: vae.from_latent(latents.to(device, dtype_of(vae)))
+    )
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+def model_name(model: StableDiffusion) -> str:
+    source = Path(model.source) if model.source else None
+    return source.stem if source is not None and source.name else model.spec.name
+
+
+def run_settings(
+    model: StableDiffusion,
+    info: SamplerInfo,
+    *,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    karras: bool,
+    eta: float | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The web UI's generation parameters shared by the images of a run, in its order."""
+    return {
+        "Steps": steps,
+        "Sampler": info.display_name,
+        "Schedule type": "Karras" if karras else None,
+        "CFG scale": guidance_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model_name(model),
+        **(extra or {}),
+        "Eta": eta,
+    }
+
+
+def image_settings(run: dict[str, Any], batch_size: int, n_iter: int, iteration: int) -> list[dict[str, Any]]:
+    """``run`` plus each image's place (batch position, repeat) when there is more than one."""
+    return [
+        {
+            **run,
+            "Batch size": batch_size if batch_size > 1 else None,
+            "Batch pos": position if batch_size > 1 else None,
+            "Iteration": iteration if n_iter > 1 else None,
+        }
+        for position in range(batch_size)
+    ]
+
+
+def finish(
+    images: torch.Tensor | None,
+    latents: torch.Tensor,
+    prompts: list[str],
+    negatives: list[str],
+    settings: list[dict[str, Any]],
+    seed: int,
+    output_type: str,
+) -> Generation:
+    """Package decoded images ([-1, 1]) as the output type asks, each with its parameters text."""
+    texts = [format_parameters(p, n, s) for p, n, s in zip(prompts, negatives, settings, strict=True)]
+    out: list[Any] | np.ndarray | torch.Tensor | None = None
+    if images is not None:
+        if output_type == "pil":
+            out = tensor_to_pil(images)
+            for image, text in zip(out, texts, strict=True):
+                image.info[PARAMETERS_KEY] = text
+        elif output_type == "np":
+            out = to_unit(images).permute(0, 2, 3, 1).numpy()
+        else:
+            out = to_unit(images)
+    return Generation(
+        images=out, latents=latents.detach().float().cpu(), parameters=texts, seed=seed, settings=settings
+    )
+
+
+def sampler_names() -> str:
+    return ", ".join(SAMPLERS)
