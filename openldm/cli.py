@@ -232,7 +232,7 @@ every device: the noise is drawn on the CPU.""",
       --strength 0.5 --sampler euler_a --ddim_steps 30 --n_samples 1
 
 --strength 0 returns the init image (through the VAE), 1 redraws it entirely; int(strength * steps)
-steps run. The init image is resized down to a multiple of 64 per side (as the reference script does)
+steps run. The init image is resized down to a multiple of 8 per side (the reference script: 64)
 unless --H/--W ask for a size.""",
 }
 
@@ -285,13 +285,13 @@ def _add_generation_flags(parser: argparse.ArgumentParser, command: str) -> None
         "--H",
         type=int,
         default=None,
-        help=f"image height in pixels, a multiple of 64 for SD (default: {size})",
+        help=f"image height in pixels, a multiple of 8 (default: {size})",
     )
     add(
         "--W",
         type=int,
         default=None,
-        help=f"image width in pixels, a multiple of 64 for SD (default: {size})",
+        help=f"image width in pixels, a multiple of 8 (default: {size})",
     )
     add("--C", type=int, default=4, help="latent channels (must match the model; default: %(default)s)")
     add("--f", type=int, default=8, help="downsampling factor (must match the model; default: %(default)s)")
