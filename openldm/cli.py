@@ -9,6 +9,7 @@ write: ``OUTDIR/samples/00000.png``, ... (numbered on from the files already the
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import re
 import sys
@@ -324,6 +325,10 @@ def _add_generation_flags(parser: argparse.ArgumentParser, command: str) -> None
     parser.set_defaults(run=_generate)
 
 
+# The rest of the family's commands: openldm/commands/<name>.py, each with add_parser and run.
+FAMILY_COMMANDS: tuple[str, ...] = ("upscale",)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="openldm",
@@ -356,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_generation_flags(sub, command)
+    for name in FAMILY_COMMANDS:
+        importlib.import_module(f"openldm.commands.{name}").add_parser(commands)
     return parser
 
 

@@ -141,6 +141,14 @@ class StableDiffusion:
 
         return img2img(self, prompt, init_image, negative_prompt, **options)
 
+    def upscale(
+        self, prompt: str | list[str], image: Any, negative_prompt: str | list[str] = "", **options: Any
+    ) -> Generation:
+        """x4 upscaling; see :func:`openldm.pipelines.upscale.upscale` for the options."""
+        from openldm.pipelines.upscale import upscale
+
+        return upscale(self, prompt, image, negative_prompt, **options)
+
 
 @dataclass
 class _Parts:

@@ -1,0 +1,449 @@
+"""The x4 upscaler: a low-resolution image and a prompt in, an image four times its size out.
+
+The model (the reference's ``LatentUpscaleDiffusion``) denoises a latent of the low-res image's size
+with the low-res image concatenated to it (4 + 3 = 7 UNet input channels): the image in [-1, 1] is
+first noised to ``noise_level`` with its own schedule, ``sqrt(a) * image + sqrt(1 - a) * noise``
+(the reference's ``low_scale_model.q_sample``, diffusers' ``low_res_scheduler.add_noise``), and the
+noise level is the UNet's class label. The VAE (scale factor 0.08333, two downsamplings) decodes the
+latent to four times the low-res size. More noise lets the model invent more detail and depart
+further from the input; the model was trained with levels 0 to ``max_noise_level`` (350).
+
+The low-res schedule comes from, in order: the checkpoint's own ``low_scale_model.alphas_cumprod``
+(or ``.betas``) buffers (original single files); a diffusers folder's
+``low_res_scheduler/scheduler_config.json`` (read as diffusers reads it, its ``DDPMScheduler``
+defaults included) and ``model_index.json``'s ``max_noise_level``; else the reference config's
+(``x4-upscaling.yaml``): betas from 1e-4 to 0.02 linear in sqrt space, 1000 levels, at most 350.
+
+Seeds: from one CPU generator the run draws the low-res noise [1, 3, h, w] (shared by the batch)
+and then the starting latents [n, 4, h, w], per repeat, as diffusers' ``StableDiffusionUpscalePipeline``
+does with a CPU generator; stochastic samplers continue the same generator.
+
+Tiling (``tile``): memory grows with the image (the UNet's attention with the square of the latent
+area, the VAE decoder with the 4x pixel area), so large inputs can be processed in overlapping tiles
+of ``tile`` low-res pixels, each upscaled on its own and decoded, and cross-faded with a smooth
+window across the overlaps (:mod:`openldm.pipelines.tiles`). Every tile sees the crop of the very
+noise the untiled run would draw, so overlapping tiles start from the same noise and a single tile
+covering the image gives the untiled result bit for bit. With several tiles the result is not the
+untiled one: each tile sees only its own context (the prompt applies to every tile; a tile may
+repeat an object the prompt names), and seams are hidden rather than absent. Larger tiles and
+overlaps cost memory and time and give results closer to the untiled image; peak memory is that of
+one tile plus the float32 output canvas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from openldm.images import load_image, pil_to_tensor
+from openldm.pipelines.common import (
+    OUTPUT_TYPES,
+    PRECISIONS,
+    Callback,
+    Generation,
+    autocast,
+    batch_prompts,
+    check_latents,
+    check_weights_precision,
+    conditioning,
+    decode,
+    device_of,
+    draw_noise,
+    dtype_of,
+    finish,
+    image_settings,
+    make_generator,
+    progress_bar,
+    run_settings,
+    sampler_options,
+)
+from openldm.pipelines.tiles import Blender, Tile, tiles
+from openldm.sampling.denoiser import CFGDenoiser, Denoiser
+from openldm.sampling.samplers import SamplerInfo, get_sampler
+from openldm.sampling.schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from openldm.checkpoints.load import StableDiffusion
+
+LowResImage = Image.Image | str | os.PathLike[str] | torch.Tensor
+
+VARIANT = "x4-upscaler"
+MIN_SIDE = 8  # low-res pixels; the UNet's deepest level needs a few latent pixels
+MIN_TILE = 16
+# The reference's x4-upscaling.yaml: low_scale_config.params.
+REFERENCE_BETAS = (0.0001, 0.02, 1000)
+REFERENCE_MAX_NOISE_LEVEL = 350
+# diffusers' DDPMScheduler defaults, for keys a low_res_scheduler config leaves out.
+_DDPM_DEFAULTS: dict[str, Any] = {
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+}
+
+
+# --- the low-res noise augmentation ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LowResSchedule:
+    """The schedule the low-res image is noised with, and the highest noise level trained."""
+
+    alphas_cumprod: torch.Tensor  # float64 [levels]
+    max_noise_level: int
+    source: str
+
+    def add_noise(self, image: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
+        """``image`` noised to ``level``: ``sqrt(a) * image + sqrt(1 - a) * noise``, in float32."""
+        a = self.alphas_cumprod[level]
+        return (float(a.sqrt()) * image.float() + float((1 - a).sqrt()) * noise.float()).float()
+
+
+def _betas(kind: str, start: float, end: float, count: int) -> torch.Tensor:
+    if kind == "linear":
+        return torch.linspace(start, end, count, dtype=torch.float64)
+    if kind == "scaled_linear":  # the reference's "linear": linear in sqrt space
+        return torch.linspace(start**0.5, end**0.5, count, dtype=torch.float64) ** 2
+    raise ValueError(
+        f"low-res noise schedule {kind!r} is not supported; the x4 upscaler uses 'scaled_linear' "
+        "(fix low_res_scheduler/scheduler_config.json)"
+    )
+
+
+def _from_betas(betas: torch.Tensor) -> torch.Tensor:
+    return torch.cumprod(1.0 - betas.double(), dim=0)
+
+
+def _checked(alphas_cumprod: torch.Tensor, where: str) -> torch.Tensor:
+    ac = alphas_cumprod.detach().to("cpu", torch.float64).reshape(-1)
+    valid = ac.numel() > 0 and bool(torch.isfinite(ac).all()) and bool(((ac > 0) & (ac <= 1)).all())
+    if not valid or not bool((ac[1:] <= ac[:-1]).all()):
+        raise ValueError(
+            f"{where} is not a noise schedule (values must decrease within (0, 1]); "
+            "the checkpoint is damaged: use the original file"
+        )
+    return ac
+
+
+def _folder_schedule(folder: Path) -> LowResSchedule | None:
+    path = folder / "low_res_scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = {**_DDPM_DEFAULTS, **json.loads(path.read_text(encoding="utf-8"))}
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} or model_index.json ({e}); download the folder again") from e
+    if config["trained_betas"] is not None:
+        alphas_cumprod = _from_betas(torch.tensor(config["trained_betas"], dtype=torch.float64))
+    else:
+        betas = _betas(
+            config["beta_schedule"],
+            float(config["beta_start"]),
+            float(config["beta_end"]),
+            int(config["num_train_timesteps"]),
+        )
+        alphas_cumprod = _from_betas(betas)
+    max_level = int(index.get("max_noise_level", REFERENCE_MAX_NOISE_LEVEL))
+    return LowResSchedule(_checked(alphas_cumprod, str(path)), max_level, str(path))
+
+
+def low_res_schedule(model: StableDiffusion) -> LowResSchedule:
+    """The low-res augmentation schedule of ``model`` (see the module docstring for the order)."""
+    buffers = model.extras.get("low_scale_model", {})
+    if "alphas_cumprod" in buffers:
+        ac = _checked(buffers["alphas_cumprod"], "low_scale_model.alphas_cumprod")
+        return LowResSchedule(ac, REFERENCE_MAX_NOISE_LEVEL, "low_scale_model.alphas_cumprod")
+    if "betas" in buffers:
+        ac = _checked(_from_betas(buffers["betas"].double()), "low_scale_model.betas")
+        return LowResSchedule(ac, REFERENCE_MAX_NOISE_LEVEL, "low_scale_model.betas")
+    source = Path(model.source) if model.source else None
+    if source is not None and source.is_dir() and (schedule := _folder_schedule(source)) is not None:
+        return schedule
+    start, end, count = REFERENCE_BETAS
+    ac = _from_betas(_betas("scaled_linear", start, end, count))
+    return LowResSchedule(ac, REFERENCE_MAX_NOISE_LEVEL, "the reference config")
+
+
+# --- checks and inputs -------------------------------------------------------------------------
+
+
+def _whole(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def check_upscale_options(
+    model: StableDiffusion,
+    *,
+    steps: int,
+    guidance_scale: float,
+    sampler: str,
+    n_samples: int,
+    n_iter: int,
+    output_type: str,
+    precision: str | None,
+) -> SamplerInfo:
+    """Raise ``ValueError`` naming the first bad option; return the sampler's registry entry."""
+    if model.spec.variant != VARIANT:
+        raise ValueError(f"this is a {model.spec.variant} model; upscale needs an x4 upscaler checkpoint")
+    _whole("steps", steps, 1)
+    if steps > model.spec.schedule.num_timesteps:
+        raise ValueError(f"steps must be at most {model.spec.schedule.num_timesteps}, got {steps}")
+    if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(
+            f"guidance scale must be a finite number >= 0 (1 turns guidance off), got {guidance_scale!r}"
+        )
+    _whole("n_samples", n_samples, 1)
+    _whole("n_iter", n_iter, 1)
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)} (or None)")
+    return get_sampler(sampler)
+
+
+def check_noise_level(noise_level: int, schedule: LowResSchedule, classes: int) -> None:
+    top = min(schedule.max_noise_level, schedule.alphas_cumprod.numel() - 1, classes - 1)
+    if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+        raise ValueError(
+            f"noise level must be a whole number from 0 to {top} for this model, got {noise_level!r}"
+        )
+
+
+def check_tiling(tile: int | None, overlap: int | None) -> tuple[int | None, int]:
+    """(tile, overlap) in low-res pixels; overlap defaults to min(32, tile // 4)."""
+    if tile is None:
+        if overlap is not None:
+            raise ValueError("tile_overlap needs tile (the tile size in low-res pixels)")
+        return None, 0
+    _whole("tile", tile, MIN_TILE)
+    if overlap is None:
+        return tile, min(32, tile // 4)
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= tile // 2:
+        raise ValueError(
+            f"tile_overlap must be a whole number from 0 to tile / 2 = {tile // 2}, got {overlap!r}"
+        )
+    return tile, overlap
+
+
+def prepare_low_res(image: LowResImage) -> torch.Tensor:
+    """The low-res image as a float32 tensor [1, 3, h, w] in [-1, 1], at least 8 pixels a side."""
+    if isinstance(image, str | os.PathLike):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        tensor = pil_to_tensor(image)
+    elif isinstance(image, torch.Tensor):
+        tensor = image[None] if image.ndim == 3 else image
+        if tensor.ndim != 4 or tensor.shape[:2] != (1, 3):
+            raise ValueError(f"the image tensor must be [1, 3, H, W] in [-1, 1], got {list(image.shape)}")
+        tensor = tensor.detach().float()
+    else:
+        raise ValueError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
+    height, width = tensor.shape[-2:]
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise ValueError(
+            f"the low-res image is {width}x{height}; it must be at least {MIN_SIDE} pixels a side"
+        )
+    return tensor
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One configured sampling run over crops of the noised low-res image."""
+
+    model: StableDiffusion
+    info: SamplerInfo
+    sigmas: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    noise_level: int
+    guidance_scale: float
+    generator: torch.Generator
+    options: dict[str, Any]
+    precision: str | None
+    callback: Callback | None
+    bar: tqdm
+
+    def __call__(self, x: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        dtype = dtype_of(model.unet)
+        device = device_of(model.unet)
+        denoiser = Denoiser(model.unet, NoiseSchedule(model.spec.schedule), model.spec.prediction_type)
+        extra = {
+            "c_concat": low_res.to(device, dtype),
+            "y": torch.tensor([self.noise_level], dtype=torch.long, device=device),
+        }
+        cond = {"context": self.cond.to(dtype), **extra}
+        uncond = None if self.uncond is None else {"context": self.uncond.to(dtype), **extra}
+        guided = CFGDenoiser(denoiser, cond, uncond, float(self.guidance_scale))
+
+        def step(i: int, total: int, latent: torch.Tensor, x0: torch.Tensor) -> None:
+            self.bar.update(1)
+            if self.callback is not None:
+                self.callback(i, total, latent, x0)
+
+        with autocast(device, self.precision):
+            x = self.info.fn(
+                lambda latent, sigma: guided(latent, sigma).float(),
+                x * self.info.initial_sigma(self.sigmas),
+                self.sigmas,
+                generator=self.generator,
+                callback=step,
+                **self.options,
+            )
+        check_latents(x, self.precision)
+        return x
+
+
+def _crop(x: torch.Tensor, tile: Tile) -> torch.Tensor:
+    return x[..., tile.top : tile.top + tile.height, tile.left : tile.left + tile.width]
+
+
+def upscale(
+    model: StableDiffusion,
+    prompt: str | Sequence[str],
+    image: LowResImage,
+    negative_prompt: str | Sequence[str] = "",
+    *,
+    noise_level: int = 20,
+    steps: int = 75,
+    guidance_scale: float = 9.0,
+    sampler: str = "ddim",
+    seed: int | None = None,
+    n_samples: int = 1,
+    n_iter: int = 1,
+    eta: float | None = None,
+    karras: bool = False,
+    weighting: bool = True,
+    tile: int | None = None,
+    tile_overlap: int | None = None,
+    callback: Callback | None = None,
+    output_type: str = "pil",
+    precision: str | None = None,
+    noise: torch.Tensor | None = None,
+    image_noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> Generation:
+    """Upscale ``image`` four times (per side) with the x4 upscaler, guided by ``prompt``.
+
+    Args:
+        image: a PIL image, an image file, or a tensor [1, 3, h, w] in [-1, 1]; any size of at
+            least 8 pixels a side (the output is exactly 4x; no resizing or padding).
+        noise_level: how much noise the low-res image gets before conditioning, 0 to the model's
+            ``max_noise_level`` (350); 20 by default, as the reference and diffusers.
+        steps, guidance_scale, sampler, seed, n_samples, n_iter, eta, karras, weighting, callback,
+            output_type, precision, generator, progress: as :func:`openldm.pipelines.txt2img.txt2img`
+            (defaults 75 steps and scale 9, diffusers' for this model). ``Generation.latents`` are at
+            the low-res size (blended across tiles when tiled).
+        tile: process the image in overlapping tiles of ``tile`` x ``tile`` low-res pixels (>= 16);
+            None: all at once. See the module docstring for the memory/quality trade-off.
+        tile_overlap: low-res pixels neighbouring tiles share, 0 to ``tile / 2`` (default
+            ``min(32, tile // 4)``).
+        noise: the starting latents [batch, 4, h, w] at unit variance, for every repeat (instead of
+            drawing them); ``image_noise``: the low-res augmentation noise [1, 3, h, w].
+    """
+    info = check_upscale_options(
+        model,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        n_samples=n_samples,
+        n_iter=n_iter,
+        output_type=output_type,
+        precision=precision,
+    )
+    check_weights_precision(model, precision)
+    schedule = low_res_schedule(model)
+    classes = model.spec.unet.num_classes
+    check_noise_level(noise_level, schedule, classes if isinstance(classes, int) else 0)
+    tile, overlap = check_tiling(tile, tile_overlap)
+    low_res = prepare_low_res(image)
+    height, width = low_res.shape[-2:]
+    factor = model.spec.vae.downsampling_factor
+    prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
+    options = sampler_options(sampler, info, eta)
+    seed, generator = make_generator(seed, generator)
+    device = device_of(model.unet)
+    shape = (len(prompts), model.spec.vae.embed_dim, height, width)
+    for name, given, wanted in (("noise", noise, shape), ("image_noise", image_noise, (1, 3, height, width))):
+        if given is not None and tuple(given.shape) != wanted:
+            raise ValueError(f"{name} must have shape {list(wanted)}, got {list(given.shape)}")
+    sigmas = info.sigmas(NoiseSchedule(model.spec.schedule), steps, karras=karras)
+    pieces = tiles(height, width, tile or max(height, width), overlap)
+    run = run_settings(
+        model,
+        info,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        width=width * factor,
+        height=height * factor,
+        karras=karras,
+        eta=options.get("eta"),
+        extra={
+            "Noise level": noise_level,
+            "Tile size": tile,
+            "Tile overlap": overlap if tile is not None else None,
+        },
+    )
+
+    with torch.inference_mode():
+        with autocast(device, precision):
+            cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
+        bar = progress_bar(n_iter * len(pieces) * (len(sigmas) - 1), progress, "upscale")
+        sample = _Run(
+            model,
+            info,
+            sigmas,
+            cond,
+            uncond,
+            noise_level,
+            guidance_scale,
+            generator,
+            options,
+            precision,
+            callback,
+            bar,
+        )
+        latents, images, settings = [], [], []
+        for iteration in range(n_iter):
+            # 1. Noise the low-res image, then draw the starting latents (diffusers' order).
+            augment = (
+                draw_noise(generator, (1, 3, height, width), device) if image_noise is None else image_noise
+            )
+            noised = schedule.add_noise(low_res.to(device), augment.to(device), noise_level)
+            start = draw_noise(generator, shape, device) if noise is None else noise.to(device, torch.float32)
+            # 2. Sample and decode tile by tile (one tile: the whole image), blending the overlaps.
+            latent_blend = Blender(shape, pieces, 1, device)
+            pixel_blend = Blender((len(prompts), 3, height * factor, width * factor), pieces, factor, device)
+            for piece in pieces:
+                x = sample(_crop(start, piece), _crop(noised, piece))
+                latent_blend.add(piece, x)
+                if output_type != "latent":
+                    pixel_blend.add(piece, decode(model, x, precision))
+            latents.append(latent_blend.result())
+            if output_type != "latent":
+                images.append(pixel_blend.result())
+            settings += image_settings(run, len(prompts), n_iter, iteration)
+        bar.close()
+    decoded = torch.cat(images) if images else None
+    return finish(
+        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
+    )
