@@ -326,7 +326,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser, command: str) -> None
 
 
 # The rest of the family's commands: openldm/commands/<name>.py, each with add_parser and run.
-FAMILY_COMMANDS: tuple[str, ...] = ("upscale",)
+FAMILY_COMMANDS: tuple[str, ...] = ("inpaint", "depth2img", "upscale", "variations")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ Parity is measured in pixel space, [0, 1] floats; run with ``-s`` to see the err
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from PIL import Image
 import openldm
 from openldm import cli
 from openldm.checkpoints.load import StableDiffusion
-from openldm.commands import upscale as upscale_command
 from openldm.images import read_parameters
 from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.unet import UNetModel
@@ -339,17 +337,7 @@ def test_needs_an_upscaler(low_res) -> None:
 
 
 def _main(argv: list[Any], monkeypatch) -> int:
-    """``openldm ...``, with the upscale command added if cli.py does not wire it yet."""
-    build = cli.build_parser
-
-    def build_with_upscale() -> argparse.ArgumentParser:
-        parser = build()
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "upscale" not in subparsers.choices:
-            upscale_command.add_parser(subparsers)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build_with_upscale)
+    """``openldm ...`` with its upscale command."""
     return cli.main([str(a) for a in argv])
 
 

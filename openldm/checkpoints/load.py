@@ -141,6 +141,35 @@ class StableDiffusion:
 
         return img2img(self, prompt, init_image, negative_prompt, **options)
 
+    def inpaint(
+        self,
+        prompt: str | list[str],
+        image: Any,
+        mask: Any,
+        negative_prompt: str | list[str] = "",
+        **options: Any,
+    ) -> Generation:
+        """Repaint the white part of ``mask``; see :func:`openldm.pipelines.inpaint.inpaint`."""
+        from openldm.pipelines.inpaint import inpaint
+
+        return inpaint(self, prompt, image, mask, negative_prompt, **options)
+
+    def depth2img(
+        self, prompt: str | list[str], image: Any, negative_prompt: str | list[str] = "", **options: Any
+    ) -> Generation:
+        """Redraw an image keeping its depth; see :func:`openldm.pipelines.depth2img.depth2img`."""
+        from openldm.pipelines.depth2img import depth2img
+
+        return depth2img(self, prompt, image, negative_prompt, **options)
+
+    def variations(
+        self, image: Any, prompt: str | list[str] = "", negative_prompt: str | list[str] = "", **options: Any
+    ) -> Generation:
+        """unCLIP image variations; see :func:`openldm.pipelines.variations.variations`."""
+        from openldm.pipelines.variations import variations
+
+        return variations(self, image, prompt, negative_prompt, **options)
+
     def upscale(
         self, prompt: str | list[str], image: Any, negative_prompt: str | list[str] = "", **options: Any
     ) -> Generation:

@@ -1,0 +1,340 @@
+"""Depth to image: img2img with the depth model, whose UNet also reads the depth map (5 input channels).
+
+The depth map is resized to the latent size (bicubic) and normalised per image to [-1, 1] with its
+minimum and maximum, ``2 * (d - min) / (max - min) - 1`` (the reference's depth2img scripts and
+diffusers' ``StableDiffusionDepth2ImgPipeline``); it is concatenated to the scaled latent at every step,
+the same for the conditional and unconditional halves of guidance. Larger values are nearer (MiDaS
+predicts inverse depth); a map in which far is larger gives an inverted scene.
+
+The map is the user's (``depth_map=``: an image, a ``.npy`` array, a tensor), or estimated from the
+init image by the MiDaS DPT-hybrid estimator whose weights the original depth checkpoint carries
+(``depth_model.*``; see :mod:`openldm.nn.midas`). The estimator sees the init image resized as the
+reference's MiDaS transform does (aspect kept, sides multiples of 32, the scale nearest 1 that brings
+one side to 384; bicubic) in [-1, 1]. Sampling is :func:`openldm.pipelines.img2img.img2img`'s:
+``int(strength * steps)`` steps from the init image's latent noised to their first sigma.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from openldm.pipelines.common import (
+    Callback,
+    Generation,
+    Sampling,
+    autocast,
+    batch_prompts,
+    check_options,
+    check_weights_precision,
+    conditioning,
+    decode,
+    device_of,
+    draw_noise,
+    dtype_of,
+    finish,
+    image_settings,
+    make_generator,
+    progress_bar,
+    run_settings,
+    sampler_options,
+    sampling_sigmas,
+    size_multiple,
+    vae_call,
+)
+from openldm.pipelines.img2img import InitImage, prepare_init_image
+
+if TYPE_CHECKING:
+    from openldm.checkpoints.load import StableDiffusion
+
+DepthMap = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike[str]
+DEPTH_VARIANT = "depth"
+MIDAS_SIZE = 384  # the DPT-hybrid estimator's training size
+MIDAS_MULTIPLE = 32
+
+
+class MissingDepthEstimatorError(ValueError):
+    """No depth map was given and the checkpoint carries no depth estimator to make one."""
+
+
+# --- depth maps --------------------------------------------------------------------------------
+
+
+def read_depth_map(depth_map: DepthMap) -> torch.Tensor:
+    """A depth map as a float32 tensor [B, H, W] (B = 1 for an image or a 2-D array).
+
+    Accepts a PIL image (grayscale, 16-bit and float images keep their values; RGB is read as
+    luminance), a ``.npy`` file or another image file, a numpy array or a tensor shaped [H, W],
+    [B, H, W] or [B, 1, H, W].
+    """
+    if isinstance(depth_map, str | os.PathLike):
+        depth_map = _read_depth_file(Path(depth_map))
+    if isinstance(depth_map, Image.Image):
+        depth_map = _image_values(depth_map)
+    if isinstance(depth_map, np.ndarray):
+        if not (np.issubdtype(depth_map.dtype, np.floating) or np.issubdtype(depth_map.dtype, np.integer)):
+            raise ValueError(f"depth map array must hold numbers, got dtype {depth_map.dtype}")
+        depth_map = torch.from_numpy(np.ascontiguousarray(depth_map, dtype=np.float32))
+    if not isinstance(depth_map, torch.Tensor):
+        raise ValueError(
+            "depth_map must be a PIL image, a numpy array, a tensor or a path to an image or .npy file, "
+            f"got {type(depth_map).__name__}"
+        )
+    depth = depth_map.detach().float()
+    if depth.ndim == 4 and depth.shape[1] == 1:
+        depth = depth[:, 0]
+    elif depth.ndim == 2:
+        depth = depth[None]
+    if depth.ndim != 3 or min(depth.shape) < 1:
+        raise ValueError(
+            f"depth map must be shaped [H, W], [B, H, W] or [B, 1, H, W], got {list(depth_map.shape)}"
+        )
+    if not torch.isfinite(depth).all():
+        raise ValueError("depth map holds NaN or infinite values")
+    return depth
+
+
+def _read_depth_file(path: Path) -> np.ndarray | Image.Image:
+    if not path.is_file():
+        raise ValueError(f"depth map {str(path)!r} does not exist")
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read depth map {str(path)!r} as a .npy array ({e})") from None
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read depth map {str(path)!r} as an image or .npy file ({e})") from None
+
+
+def _image_values(image: Image.Image) -> np.ndarray:
+    """Pixel values as float32 [H, W]: 16-bit, 32-bit and float images as stored, others as luminance."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.float32)
+    return np.asarray(image.convert("L"), dtype=np.float32)
+
+
+def normalize_depth(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, H, W] or [B, 1, H, W] depth -> [B, 1, h, w] at ``size`` (bicubic), each map spread over [-1, 1].
+
+    A constant map has no depth information; it becomes -1 everywhere (the limit of the reference's
+    training-time formula, which adds 0.001 to ``max - min``) instead of NaN.
+    """
+    depth = depth[:, None] if depth.ndim == 3 else depth
+    depth = F.interpolate(depth.float(), size=size, mode="bicubic", align_corners=False)
+    low = torch.amin(depth, dim=(1, 2, 3), keepdim=True)
+    high = torch.amax(depth, dim=(1, 2, 3), keepdim=True)
+    spread = high - low
+    return torch.where(spread > 0, 2.0 * (depth - low) / spread.clamp_min(1e-30) - 1.0, -1.0)
+
+
+def midas_input_size(height: int, width: int, target: int = MIDAS_SIZE) -> tuple[int, int]:
+    """The reference MiDaS transform's size: keep the aspect, scale nearest 1 to reach ``target``, x32."""
+    scale_h, scale_w = target / height, target / width
+    scale = scale_w if abs(1 - scale_w) < abs(1 - scale_h) else scale_h
+
+    def multiple(x: float) -> int:
+        return max(MIDAS_MULTIPLE, int(np.round(x / MIDAS_MULTIPLE)) * MIDAS_MULTIPLE)
+
+    return multiple(scale * height), multiple(scale * width)
+
+
+def depth_estimator(model: StableDiffusion) -> nn.Module:
+    """The MiDaS DPT-hybrid estimator of the checkpoint (``depth_model.*``), on the UNet's device."""
+    from openldm.nn.midas import estimator_from_extras
+
+    try:
+        estimator = estimator_from_extras(model.extras)
+    except (LookupError, ValueError) as e:  # absent, or not a DPT-hybrid we can read
+        raise MissingDepthEstimatorError(
+            f"no depth map given and {e}; pass a depth map (depth_map= an image, a .npy file or an array; "
+            "--depth-map on the command line), or load the original 512-depth-ema checkpoint, which "
+            "carries the MiDaS estimator"
+        ) from None
+    return estimator.to(device_of(model.unet))
+
+
+def estimate_depth(model: StableDiffusion, image: torch.Tensor) -> torch.Tensor:
+    """MiDaS depth [1, h, w] (larger is nearer) of ``image`` [1, 3, H, W] in [-1, 1]."""
+    estimator = depth_estimator(model)
+    size = midas_input_size(int(image.shape[-2]), int(image.shape[-1]))
+    x = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+    with torch.inference_mode():
+        return estimator(x.to(device_of(estimator), dtype_of(estimator))).float()
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
+class _ConcatUNet(nn.Module):
+    """The UNet with the depth channel appended to its input (the same map for every guidance half).
+
+    Interim: :class:`~openldm.pipelines.common.Sampling` passes no extra conditioning yet; the
+    :class:`~openldm.sampling.denoiser.Denoiser`'s ``c_concat`` is the place for it once it does.
+    """
+
+    def __init__(self, unet: nn.Module, c_concat: torch.Tensor) -> None:
+        super().__init__()
+        self.unet = unet
+        self.c_concat = c_concat
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **cond: Any) -> torch.Tensor:
+        extra = self.c_concat.to(x)
+        extra = extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)
+        return self.unet(torch.cat([x, extra], dim=1), timesteps, **cond)
+
+
+def _check_options(model: StableDiffusion, **options: Any) -> Any:
+    """check_options for the depth model (it accepts text-to-image models only)."""
+    if model.spec.variant != DEPTH_VARIANT:
+        raise ValueError(
+            f"this is a {model.spec.variant} model; depth2img needs a depth model (a UNet with 5 input "
+            "channels, such as 512-depth-ema)"
+        )
+    view = SimpleNamespace(spec=SimpleNamespace(variant="sd2", schedule=model.spec.schedule))
+    return check_options(view, **options)  # type: ignore[arg-type]
+
+
+def depth2img(
+    model: StableDiffusion,
+    prompt: str | Sequence[str],
+    image: InitImage,
+    negative_prompt: str | Sequence[str] = "",
+    *,
+    depth_map: DepthMap | None = None,
+    strength: float = 0.8,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    sampler: str = "ddim",
+    seed: int | None = None,
+    n_samples: int = 1,
+    n_iter: int = 1,
+    eta: float | None = None,
+    karras: bool = False,
+    weighting: bool = True,
+    callback: Callback | None = None,
+    output_type: str = "pil",
+    precision: str | None = None,
+    noise: torch.Tensor | None = None,
+    fixed_code: bool = False,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> Generation:
+    """Redraw ``image`` after ``prompt`` keeping its depth; ``strength`` in [0, 1] is how much is redrawn.
+
+    ``depth_map``: the depth of ``image`` (larger is nearer), any size: a PIL image, an image or
+    ``.npy`` file, or an array/tensor [H, W], [B, H, W] or [B, 1, H, W] with B = 1 or one map per
+    generated image; None estimates it with the checkpoint's MiDaS estimator. The other options are
+    :func:`openldm.pipelines.img2img.img2img`'s (``image`` is its ``init_image``).
+    """
+    info = _check_options(
+        model,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        n_samples=n_samples,
+        n_iter=n_iter,
+        output_type=output_type,
+        precision=precision,
+    )
+    check_weights_precision(model, precision)
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
+    given = read_depth_map(depth_map) if depth_map is not None else None
+    factor = model.spec.vae.downsampling_factor
+    pixels = prepare_init_image(image, width, height, size_multiple(model))
+    height, width = pixels.shape[-2:]
+    prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
+    if given is not None and given.shape[0] not in (1, len(prompts)):
+        raise ValueError(
+            f"depth map batch must be 1 or one map per image ({len(prompts)}), got {given.shape[0]}"
+        )
+    options = sampler_options(sampler, info, eta)
+    seed, generator = make_generator(seed, generator)
+    device = device_of(model.unet)
+    shape = (len(prompts), model.spec.vae.embed_dim, height // factor, width // factor)
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+    sigmas = sampling_sigmas(model, info, steps, karras)
+    sigmas = sigmas[steps - min(int(strength * steps), steps) :]
+    run = run_settings(
+        model,
+        info,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        width=width,
+        height=height,
+        karras=karras,
+        eta=options.get("eta"),
+        extra={"Denoising strength": strength, "Depth map": "given" if given is not None else "MiDaS"},
+    )
+
+    with torch.inference_mode():
+        # 1. The depth map at latent size, in [-1, 1].
+        raw = given if given is not None else estimate_depth(model, pixels)
+        depth = normalize_depth(raw, shape[-2:]).to(device)
+        # 2. Encode the prompts.
+        with autocast(device, precision):
+            cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
+        # 3. Encode the init image: one posterior sample per batch image.
+        batch = pixels.to(device_of(model.vae)).expand(len(prompts), -1, -1, -1)
+        z = vae_call(
+            model,
+            precision,
+            "encoder",
+            lambda vae: vae.to_latent(batch.to(dtype_of(vae)), generator=generator),
+            generator,
+        ).to(device)
+        bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "depth2img")
+        with_depth = dataclasses.replace(model, unet=_ConcatUNet(model.unet, depth))
+        sample = Sampling(
+            with_depth,
+            info,
+            sigmas,
+            cond,
+            uncond,
+            guidance_scale,
+            generator,
+            options,
+            precision,
+            callback,
+            bar,
+        )
+        if noise is None and fixed_code:
+            noise = draw_noise(generator, shape, device)
+        latents, images, settings = [], [], []
+        for iteration in range(n_iter):
+            # 4. Noise to the first sigma of the steps that run, and sample.
+            if len(sigmas) > 1:
+                fresh = (
+                    draw_noise(generator, shape, device) if noise is None else noise.to(device, torch.float32)
+                )
+                x = sample(z + float(sigmas[0]) * fresh)
+            else:
+                x = z.clone()
+            # 5. Decode.
+            if output_type != "latent":
+                images.append(decode(model, x, precision))
+            latents.append(x)
+            settings += image_settings(run, len(prompts), n_iter, iteration)
+        bar.close()
+    decoded = torch.cat(images) if images else None
+    return finish(
+        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
+    )

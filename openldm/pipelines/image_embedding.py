@@ -1,0 +1,243 @@
+"""unCLIP's image conditioning: the CLIP image embedding, noise-augmented, as the UNet's class vector ``y``.
+
+``y = concat(unnormalise(sqrt(a_t) * normalise(e) + sqrt(1 - a_t) * noise), timestep_embedding(t))``
+with ``t`` the noise level (0 to 999), ``a_t`` the ``alphas_cumprod`` of the squared-cosine schedule
+(``squaredcos_cap_v2``, 1000 steps) and ``normalise(e) = (e - mean) / std`` with the embedding
+statistics the checkpoint carries: the reference's ``CLIPEmbeddingNoiseAugmentation`` and diffusers'
+``StableUnCLIPImg2ImgPipeline.noise_image_embeddings``. Even level 0 adds a little noise
+(``sqrt(1 - a_0)`` is about 0.006).
+
+Where the parts come from (see :attr:`StableDiffusion.extras`): an original single file has the
+image tower under ``embedder.model.visual.*`` and the schedule (and possibly ``data_mean`` /
+``data_std``) under ``noise_augmentor.*``; a diffusers folder has ``image_encoder/`` (transformers'
+``CLIPVisionModelWithProjection``), ``image_normalizer/`` (``mean``, ``std``) and
+``image_noising_scheduler/``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from PIL import Image
+
+from openldm.checkpoints.detect import read_json
+from openldm.checkpoints.errors import CorruptCheckpointError, MissingWeightsError, UnknownArchitectureError
+from openldm.checkpoints.formats.clip_vision import (
+    OPENAI_L_WIDTH,
+    OPENCLIP_H_WIDTH,
+    embedder_activation,
+    infer_vision_config,
+    vision_config_from_transformers,
+    vision_from_embedder,
+    vision_from_transformers,
+)
+from openldm.nn.clip_vision import CLIPVisionEncoder, VisionConfig, preprocess
+from openldm.nn.unet import timestep_embedding
+
+if TYPE_CHECKING:
+    from openldm.checkpoints.load import StableDiffusion
+
+StateDict = dict[str, torch.Tensor]
+T = TypeVar("T")
+NOISE_TIMESTEPS = 1000
+COSINE_SCHEDULE = "squaredcos_cap_v2"
+
+
+def cosine_alphas_cumprod(timesteps: int = NOISE_TIMESTEPS, max_beta: float = 0.999) -> torch.Tensor:
+    """float64 ``alphas_cumprod`` of the squared-cosine schedule (Nichol & Dhariwal), betas capped."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), max_beta) for i in range(timesteps)
+    ]
+    return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), dim=0)
+
+
+@dataclass
+class ImageEmbedder:
+    """The CLIP image tower with the embedding statistics and the noise schedule of its augmentation."""
+
+    encoder: CLIPVisionEncoder
+    mean: torch.Tensor  # [1, D] float32
+    std: torch.Tensor  # [1, D] float32
+    alphas_cumprod: torch.Tensor  # [levels] float64
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.config.embed_dim
+
+    @property
+    def levels(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def embed(self, image: Image.Image) -> torch.Tensor:
+        """[1, D] float32 embedding of a PIL image (CLIP preprocessing, then the tower)."""
+        encoder = self.encoder
+        weight = encoder.conv1.weight
+        pixels = preprocess(image, encoder.config.image_size).to(weight.device, weight.dtype)
+        return encoder(pixels).float()
+
+    def condition(self, embeds: torch.Tensor, noise_level: int, noise: torch.Tensor) -> torch.Tensor:
+        """``y`` [B, 2D]: the embeddings noised to ``noise_level`` with unit ``noise``, then the level's
+        sinusoidal embedding."""
+        self.check_level(noise_level)
+        embeds = embeds.float()
+        mean, std = self.mean.to(embeds.device), self.std.to(embeds.device)
+        a = self.alphas_cumprod[noise_level]
+        normalised = (embeds - mean) / std
+        noised = float(a.sqrt()) * normalised + float((1 - a).sqrt()) * noise.to(embeds)
+        levels = torch.full((embeds.shape[0],), noise_level, device=embeds.device)
+        return torch.cat([noised * std + mean, timestep_embedding(levels, self.dim)], dim=1)
+
+    def check_level(self, noise_level: int) -> None:
+        if (
+            isinstance(noise_level, bool)
+            or not isinstance(noise_level, int)
+            or not 0 <= noise_level < self.levels
+        ):
+            raise ValueError(
+                f"noise_level must be a whole number from 0 to {self.levels - 1}, got {noise_level!r}"
+            )
+
+
+def image_embedder(
+    model: StableDiffusion, embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> ImageEmbedder:
+    """Build the image embedder of an unCLIP model from its extras, on the UNet's device and dtype.
+
+    ``embedding_stats``: (mean, std) of the image embeddings, for a checkpoint that does not carry them
+    (the reference's ``-l`` config reads them from ``ViT-L-14_stats.th``).
+    """
+    if model.spec.variant != "unclip":
+        raise ValueError(f"this is a {model.spec.variant} model; image variations need an unCLIP model")
+    extras, source = model.extras, model.source
+    folder = Path(source) if source and Path(source).is_dir() else None
+    if "image_encoder" in extras:
+        sd = _convert(source, vision_from_transformers, extras["image_encoder"])
+        config = _diffusers_vision_config(folder, sd, source)
+        stats = _diffusers_stats(extras, source)
+        alphas = _diffusers_schedule(folder)
+    elif "embedder" in extras:
+        sd = _convert(source, vision_from_embedder, extras["embedder"])
+        config = _convert(source, infer_vision_config, sd, embedder_activation(extras["embedder"]))
+        augmentor = extras.get("noise_augmentor", {})
+        stats = _single_file_stats(augmentor, config, source)
+        alphas = augmentor["alphas_cumprod"].double() if "alphas_cumprod" in augmentor else None
+    else:
+        raise MissingWeightsError(
+            source,
+            "this unCLIP checkpoint holds no CLIP image encoder (embedder.* or image_encoder/)",
+            "Use the complete checkpoint (or diffusers folder), or pass image_embeds= yourself",
+        )
+    if embedding_stats is not None:
+        stats = embedding_stats
+    if stats is None:
+        raise MissingWeightsError(
+            source,
+            "it does not carry the statistics of the CLIP-L image embeddings "
+            "(noise_augmentor.data_mean/data_std)",
+            "Pass embedding_stats=(mean, std), e.g. torch.load('ViT-L-14_stats.th') as the reference's "
+            "config does",
+        )
+    _check_width(model, config, source)
+    encoder = _build_encoder(config, sd, source)
+    ref = next(model.unet.parameters())
+    mean, std = (s.detach().float().reshape(1, -1) for s in stats)
+    if mean.shape[1] != config.embed_dim or std.shape[1] != config.embed_dim:
+        raise CorruptCheckpointError(
+            source, f"the embedding statistics do not have {config.embed_dim} values", "Check the checkpoint"
+        )
+    return ImageEmbedder(
+        encoder=encoder.to(ref.device, ref.dtype),
+        mean=mean.to(ref.device),
+        std=std.to(ref.device),
+        alphas_cumprod=alphas if alphas is not None else cosine_alphas_cumprod(),
+    )
+
+
+def _convert(source: str, fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except (ValueError, KeyError) as e:
+        raise UnknownArchitectureError(
+            source, f"the CLIP image encoder cannot be read ({e})", "Check that this is an unCLIP checkpoint"
+        ) from e
+
+
+def _diffusers_vision_config(folder: Path | None, sd: StateDict, source: str) -> VisionConfig:
+    path = folder / "image_encoder" / "config.json" if folder is not None else None
+    if path is not None and path.is_file():
+        return _convert(source, vision_config_from_transformers, read_json(path, "image_encoder/config.json"))
+    # No config.json at hand: OpenCLIP ViT-H/14 (GELU) or OpenAI ViT-L/14 (quick-GELU), told by width.
+    width = int(sd["conv1.weight"].shape[0]) if "conv1.weight" in sd else -1
+    if width not in (OPENCLIP_H_WIDTH, OPENAI_L_WIDTH):
+        raise CorruptCheckpointError(
+            source, "image_encoder/config.json is missing", "Download the image_encoder folder's config.json"
+        )
+    return _convert(source, infer_vision_config, sd, "gelu" if width == OPENCLIP_H_WIDTH else "quick_gelu")
+
+
+def _diffusers_stats(extras: Mapping[str, StateDict], source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    normalizer = extras.get("image_normalizer", {})
+    if "mean" not in normalizer or "std" not in normalizer:
+        raise MissingWeightsError(
+            source, "image_normalizer/ (the embedding statistics) is missing", "Download that folder"
+        )
+    return normalizer["mean"], normalizer["std"]
+
+
+def _diffusers_schedule(folder: Path | None) -> torch.Tensor | None:
+    path = folder / "image_noising_scheduler" / "scheduler_config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    config = read_json(path, "image_noising_scheduler/scheduler_config.json")
+    schedule = config.get("beta_schedule", COSINE_SCHEDULE)
+    if schedule != COSINE_SCHEDULE:
+        raise UnknownArchitectureError(
+            path,
+            f"beta_schedule {schedule!r} is not unCLIP's ({COSINE_SCHEDULE})",
+            "Check the scheduler config",
+        )
+    return cosine_alphas_cumprod(int(config.get("num_train_timesteps", NOISE_TIMESTEPS)))
+
+
+def _single_file_stats(
+    augmentor: Mapping[str, torch.Tensor], config: VisionConfig, source: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if "data_mean" in augmentor and "data_std" in augmentor:
+        return augmentor["data_mean"], augmentor["data_std"]
+    if config.activation == "gelu":  # the -h config gives no statistics: the identity normalisation
+        return torch.zeros(1, config.embed_dim), torch.ones(1, config.embed_dim)
+    return None
+
+
+def _check_width(model: StableDiffusion, config: VisionConfig, source: str) -> None:
+    adm = model.spec.unet.adm_in_channels
+    if adm != 2 * config.embed_dim:
+        raise UnknownArchitectureError(
+            source,
+            f"the UNet reads {adm} class values but the image encoder gives {config.embed_dim}-wide "
+            "embeddings (twice that is needed)",
+            "The image encoder does not belong to this UNet",
+        )
+
+
+def _build_encoder(config: VisionConfig, sd: StateDict, source: str) -> CLIPVisionEncoder:
+    with torch.device("meta"):
+        encoder = CLIPVisionEncoder(config)
+    try:
+        encoder.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CorruptCheckpointError(
+            source,
+            f"the CLIP image encoder weights do not fit ({e})",
+            "Use the original, complete checkpoint",
+        ) from None
+    return encoder.requires_grad_(False).eval()

@@ -1,0 +1,423 @@
+"""Inpainting: repaint the white part of a mask, keep the black part.
+
+Two ways, chosen by the model:
+
+* **Inpainting models** (9 UNet input channels, ``variant == "inpaint"``): the UNet sees, after the noisy
+  latent, the mask downsampled to latent size (nearest neighbour) and the latent of the masked image
+  (the init image with the repainted pixels set to 0, i.e. grey, encoded by the VAE: a posterior
+  sample, scaled), in that channel order, as the reference's ``c_concat = [mask, masked_image]`` and
+  diffusers' ``StableDiffusionInpaintPipeline`` do. Nothing else changes: the text conditioning and the
+  sampler are txt2img's (strength 1) or img2img's (strength < 1).
+* **Plain text-to-image models** (4 channels): latent blending. At every denoiser call, the kept region
+  of the latent the UNet sees is replaced by the init latent noised to the current sigma
+  (``z + sigma * noise``, with the run's starting noise), and the kept region of the returned x0 is
+  ``z`` itself; after the last step the kept region is set to ``z``. This is the reference DDIM's
+  ``mask`` argument and diffusers' legacy 4-channel path put into denoiser form, so it works with every
+  sampler of the registry: for a deterministic sampler at strength < 1 the sampler's own latent stays
+  exactly ``z + sigma_i * noise`` in the kept region, which is what diffusers' per-step replacement
+  gives (the two agree). At strength 1 the UNet also sees the noised init latent in the kept region at
+  the first step (diffusers shows it pure noise there; the reference blends there too). The model has
+  not learned to respect the seam, so expect it to show; inpainting models do much better.
+
+Masks: a PIL image or file (converted to grey levels), or a tensor in [0, 1]; binarised at 0.5 (white
+= repaint). A mask of another size than the init image is resized with it when it has the init image's
+aspect ratio (within 1%), and rejected otherwise (it most likely belongs to another image).
+
+Seeds follow diffusers': one VAE posterior sample of the init image (strength < 1, or a 4-channel
+model), then the starting noise, then one posterior sample of the masked image (9 channels), all
+from the run's CPU generator; the encoded images are shared by the whole batch and by the repeats.
+
+``paste_back=True`` copies the kept pixels of the init image (at the working size) into the decoded
+images, exactly: the same bytes in the PIL output, the same values in the ``np``/``pt`` output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from openldm.images import fit_to_multiple, load_image, pil_to_tensor, to_unit, unit_to_uint8
+from openldm.pipelines.common import (
+    TEXT_TO_IMAGE_VARIANTS,
+    Callback,
+    Generation,
+    Sampling,
+    autocast,
+    batch_prompts,
+    check_latents,
+    check_options,
+    check_size,
+    check_weights_precision,
+    conditioning,
+    decode,
+    device_of,
+    draw_noise,
+    dtype_of,
+    finish,
+    image_settings,
+    make_generator,
+    progress_bar,
+    run_settings,
+    sampler_options,
+    sampling_sigmas,
+    size_multiple,
+    vae_call,
+)
+from openldm.pipelines.img2img import InitImage, prepare_init_image
+from openldm.sampling.denoiser import CFGDenoiser, Denoiser
+from openldm.sampling.samplers import SamplerInfo
+from openldm.sampling.schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from openldm.checkpoints.load import StableDiffusion
+
+MaskImage = Image.Image | str | os.PathLike[str] | torch.Tensor
+INPAINT_VARIANTS = ("inpaint", *TEXT_TO_IMAGE_VARIANTS)
+ASPECT_TOLERANCE = 0.01
+
+
+def inpaint(
+    model: StableDiffusion,
+    prompt: str | Sequence[str],
+    image: InitImage,
+    mask: MaskImage,
+    negative_prompt: str | Sequence[str] = "",
+    *,
+    strength: float = 1.0,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    sampler: str = "ddim",
+    seed: int | None = None,
+    n_samples: int = 1,
+    n_iter: int = 1,
+    eta: float | None = None,
+    karras: bool = False,
+    weighting: bool = True,
+    callback: Callback | None = None,
+    output_type: str = "pil",
+    precision: str | None = None,
+    noise: torch.Tensor | None = None,
+    fixed_code: bool = False,
+    generator: torch.Generator | None = None,
+    paste_back: bool = False,
+    progress: bool = True,
+) -> Generation:
+    """Repaint the white part of ``mask`` in ``image`` after ``prompt``; the black part is kept.
+
+    Args:
+        image: the init image, as :func:`openldm.pipelines.img2img.img2img` takes it (resized to
+            ``width`` x ``height`` when given, else down to a multiple of 8 per side).
+        mask: a PIL image, an image file or a tensor ([H, W], [1, H, W] or [1, 1, H, W]) in [0, 1];
+            white (>= 0.5) = repaint, black = keep. Resized with the image when it has its aspect ratio.
+        strength: how much of the masked region is redrawn; 1 (the default) starts from pure noise,
+            below 1 the last ``int(strength * steps)`` steps run from the noised init image as in img2img.
+        paste_back: copy the kept pixels of the init image exactly into the output images.
+        The other options are :func:`openldm.pipelines.txt2img.txt2img`'s; ``noise`` is the unit
+        starting noise [batch, 4, H/8, W/8] (also the noise of the blended kept region).
+    """
+    info = _check_options(
+        model,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        n_samples=n_samples,
+        n_iter=n_iter,
+        output_type=output_type,
+        precision=precision,
+    )
+    check_weights_precision(model, precision)
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
+    init = prepare_image(image, width, height, size_multiple(model))
+    height, width = init.tensor.shape[-2:]
+    repaint = prepare_mask(mask, width, height, init.source_size)
+    prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
+    options = sampler_options(sampler, info, eta)
+    seed, generator = make_generator(seed, generator)
+    device = device_of(model.unet)
+    factor = model.spec.vae.downsampling_factor
+    shape = (len(prompts), model.spec.vae.embed_dim, height // factor, width // factor)
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+    concat_channels = model.spec.unet.in_channels > model.spec.vae.embed_dim
+    sigmas = sampling_sigmas(model, info, steps, karras)
+    sigmas = sigmas[steps - min(int(strength * steps), steps) :]
+    from_noise = strength == 1.0
+    run = run_settings(
+        model,
+        info,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        width=width,
+        height=height,
+        karras=karras,
+        eta=options.get("eta"),
+        extra={"Denoising strength": strength},
+    )
+
+    with torch.inference_mode():
+        # 1. Encode the prompts.
+        with autocast(device, precision):
+            cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
+        # 2. The init image's latent (noised for strength < 1, blended for 4-channel models).
+        latent_mask = F.interpolate(repaint, size=shape[-2:]).to(device)
+        z = None
+        if not (concat_channels and from_noise):
+            z = _encode(model, precision, init.tensor, generator).to(device)
+        if noise is None and fixed_code:
+            noise = draw_noise(generator, shape, device)
+        first = draw_noise(generator, shape, device) if noise is None else noise.to(device, torch.float32)
+        # 3. The 9-channel models' extra channels: [mask, latent of the masked image].
+        concat = None
+        if concat_channels:
+            masked = _encode(model, precision, init.tensor * (repaint < 0.5), generator).to(device)
+            concat = torch.cat([latent_mask, masked], dim=1)
+        bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "inpaint")
+        sample = MaskedSampling(
+            model,
+            info,
+            sigmas,
+            cond,
+            uncond,
+            guidance_scale,
+            generator,
+            options,
+            precision,
+            callback,
+            bar,
+            concat,
+        )
+        latents, images, settings = [], [], []
+        for iteration in range(n_iter):
+            unit = first if iteration == 0 or noise is not None else draw_noise(generator, shape, device)
+            blend = None if concat_channels else LatentBlend(_required(z), latent_mask >= 0.5, unit)
+            # 4. Sample from pure noise (strength 1) or from the noised init latent.
+            if len(sigmas) == 1:
+                x = _required(z).expand(shape).clone()
+            elif from_noise:
+                x = sample(unit * info.initial_sigma(sigmas), blend)
+            else:
+                x = sample(_required(z) + float(sigmas[0]) * unit, blend)
+            if blend is not None:
+                x = blend.finish(x)
+            # 5. Decode.
+            if output_type != "latent":
+                images.append(decode(model, x, precision))
+            latents.append(x)
+            settings += image_settings(run, len(prompts), n_iter, iteration)
+        bar.close()
+    decoded = torch.cat(images) if images else None
+    result = finish(
+        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
+    )
+    if paste_back and result.images is not None:
+        result.images = paste_kept_pixels(result.images, init, repaint >= 0.5)
+    return result
+
+
+# --- checks and inputs -------------------------------------------------------------------------
+
+
+def _check_options(model: StableDiffusion, **options: Any) -> SamplerInfo:
+    if model.spec.variant not in INPAINT_VARIANTS:
+        raise ValueError(
+            f"this is a {model.spec.variant} model; inpainting needs an inpainting model or a text-to-image "
+            f"model ({', '.join(INPAINT_VARIANTS)})"
+        )
+    # check_options only accepts text-to-image variants; its other checks hold here as they are.
+    as_text_model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, variant="sd1"))
+    return check_options(as_text_model, **options)
+
+
+def _required(z: torch.Tensor | None) -> torch.Tensor:
+    if z is None:  # the control flow above encodes the init image whenever this is reached
+        raise RuntimeError("the init image was not encoded")
+    return z
+
+
+@dataclass(frozen=True)
+class WorkingImage:
+    """The init image at the working size: ``tensor`` [1, 3, H, W] in [-1, 1] (what is encoded), and
+    what paste-back copies: ``pixels`` uint8 [H, W, 3] and ``unit`` float32 [1, 3, H, W] in [0, 1]
+    (the PIL image's bytes / 255, or a tensor's values); ``source_size`` (width, height) before resizing."""
+
+    tensor: torch.Tensor
+    pixels: np.ndarray
+    unit: torch.Tensor
+    source_size: tuple[int, int]
+
+
+def prepare_image(image: InitImage, width: int | None, height: int | None, multiple: int) -> WorkingImage:
+    """The init image resized as img2img resizes it, with its exact pixels kept for paste-back."""
+    if isinstance(image, str | os.PathLike):
+        image = load_image(image)
+    if isinstance(image, torch.Tensor):
+        tensor = prepare_init_image(image, width, height, multiple)
+        size = (int(tensor.shape[-1]), int(tensor.shape[-2]))
+        unit = to_unit(tensor)
+        return WorkingImage(tensor, unit_to_uint8(unit)[0], unit, size)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
+    source = image.size
+    image = image.convert("RGB")
+    if width is not None or height is not None:
+        size = (width or image.width, height or image.height)
+        check_size(size[0], size[1], multiple)
+        image = image if image.size == size else image.resize(size, resample=Image.Resampling.LANCZOS)
+    image = fit_to_multiple(image, multiple)
+    pixels = np.asarray(image).copy()
+    unit = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    return WorkingImage(pil_to_tensor(image), pixels, unit, source)
+
+
+def prepare_mask(
+    mask: MaskImage, width: int, height: int, source_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The mask as float32 [1, 1, height, width] of 0 (keep) and 1 (repaint), binarised at 0.5.
+
+    A PIL mask of another size is resized (LANCZOS, then binarised, as diffusers does) when its aspect
+    ratio is the init image's (``source_size``, before resizing; default the working size).
+    """
+    if isinstance(mask, str | os.PathLike):
+        mask = load_mask(mask)
+    if isinstance(mask, torch.Tensor):
+        tensor = mask.detach().float().cpu()
+        if not 2 <= tensor.ndim <= 4 or tuple(tensor.shape) != (1,) * (tensor.ndim - 2) + (height, width):
+            raise ValueError(
+                f"a mask tensor must be [H, W], [1, H, W] or [1, 1, H, W] with H x W = {height} x {width} "
+                f"(the image's size), got {list(mask.shape)}"
+            )
+        return (tensor.reshape(1, 1, height, width) >= 0.5).float()
+    if not isinstance(mask, Image.Image):
+        raise ValueError(f"mask must be a PIL image, a path or a tensor, got {type(mask).__name__}")
+    grey = mask.convert("L")
+    if grey.size != (width, height):
+        source = source_size or (width, height)
+        if abs(grey.width * source[1] / (grey.height * source[0]) - 1) > ASPECT_TOLERANCE:
+            raise ValueError(
+                f"the mask is {grey.width}x{grey.height} but the image is {source[0]}x{source[1]}: "
+                "give a mask of the image's size (or at least its aspect ratio)"
+            )
+        grey = grey.resize((width, height), resample=Image.Resampling.LANCZOS)
+    array = np.asarray(grey, dtype=np.float32) / 255.0
+    return torch.from_numpy(array >= 0.5).float()[None, None]
+
+
+def load_mask(path: str | os.PathLike[str]) -> Image.Image:
+    """Open a mask file; a missing or unreadable file is a ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"mask image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("L")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for broken or non-image files
+        raise ValueError(f"cannot read mask image {str(path)!r} as an image ({e})") from None
+
+
+def _encode(
+    model: StableDiffusion, precision: str | None, image: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """One image [1, 3, H, W] -> a scaled latent [1, 4, H/8, W/8] (a posterior sample)."""
+    pixels = image.to(device_of(model.vae))
+    return vae_call(
+        model,
+        precision,
+        "encoder",
+        lambda vae: vae.to_latent(pixels.to(dtype_of(vae)), generator=generator),
+        generator,
+    )
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatentBlend:
+    """Latent blending for models without mask channels (see the module's docstring).
+
+    ``init``: the init latent [1 or B, 4, h, w]; ``repaint``: bool [1, 1, h, w], True where the model
+    paints; ``noise``: the unit noise [B, 4, h, w] that the kept region carries.
+    """
+
+    init: torch.Tensor
+    repaint: torch.Tensor
+    noise: torch.Tensor
+
+    def __call__(self, denoiser: Any, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        level = torch.as_tensor(sigma).to(x.device, x.dtype).reshape(-1, 1, 1, 1)
+        x = torch.where(self.repaint, x, self.init + level * self.noise)
+        return torch.where(self.repaint, denoiser(x, sigma).float(), self.init)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.repaint, x, self.init)
+
+
+@dataclass
+class MaskedSampling(Sampling):
+    """:class:`~openldm.pipelines.common.Sampling` with the inpainting inputs: ``concat`` (the 9-channel
+    models' [mask, masked-image latent], the same for cond and uncond) and, per call, a latent blend."""
+
+    concat: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, blend: LatentBlend | None = None) -> torch.Tensor:
+        model = self.model
+        dtype = dtype_of(model.unet)
+        denoiser = Denoiser(model.unet, NoiseSchedule(model.spec.schedule), model.spec.prediction_type)
+        cond = {"context": self.cond.to(dtype), "c_concat": self.concat}
+        uncond = None if self.uncond is None else {"context": self.uncond.to(dtype), "c_concat": self.concat}
+        guided = CFGDenoiser(denoiser, cond, uncond, float(self.guidance_scale))
+
+        def x0_float(latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return guided(latent, sigma).float() if blend is None else blend(guided, latent, sigma)
+
+        def step(i: int, total: int, latent: torch.Tensor, x0: torch.Tensor) -> None:
+            if self.bar is not None:
+                self.bar.update(1)
+            if self.callback is not None:
+                self.callback(i, total, latent, x0)
+
+        with autocast(device_of(model.unet), self.precision):
+            x = self.info.fn(
+                x0_float, x, self.sigmas, generator=self.generator, callback=step, **self.options
+            )
+        check_latents(x, self.precision)
+        return x
+
+
+# --- paste-back --------------------------------------------------------------------------------
+
+
+def paste_kept_pixels(
+    images: list[Any] | np.ndarray | torch.Tensor, init: WorkingImage, repaint: torch.Tensor
+) -> list[Any] | np.ndarray | torch.Tensor:
+    """The output images with the kept pixels (``repaint`` False, [1, 1, H, W]) of the init image.
+
+    PIL images get the init image's bytes (their parameters text is kept); ``np`` / ``pt`` outputs
+    in [0, 1] get its values in [0, 1].
+    """
+    keep = ~repaint[0, 0].numpy()
+    if isinstance(images, list):
+        pasted = []
+        for image in images:
+            array = np.asarray(image).copy()
+            array[keep] = init.pixels[keep]
+            out = Image.fromarray(array)
+            out.info.update(image.info)
+            pasted.append(out)
+        return pasted
+    if isinstance(images, np.ndarray):
+        return np.where(keep[None, :, :, None], init.unit.permute(0, 2, 3, 1).numpy(), images)
+    return torch.where(torch.from_numpy(keep)[None, None], init.unit, images)
