@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from openldm.checkpoints.errors import CheckpointError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from PIL import Image
 
     from openldm.checkpoints.load import StableDiffusion
+    from openldm.pipelines.common import Generation
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 # Guidance scale defaults of the reference scripts: SD 1's, and SD 2's (for SD 2 models).
@@ -165,28 +168,24 @@ def _save_outputs(args: argparse.Namespace, images: list[Image.Image]) -> None:
         print(f"openldm: wrote {path}", file=sys.stderr)
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _load_model(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
+    """(model, precision) as --ckpt, --config, --device and --precision ask."""
     import torch
 
     from openldm.checkpoints.load import load
-    from openldm.images import load_image
 
-    sampler = _sampler_name(args)
-    _check_input(args)
-    batches = _prompt_batches(args)
-    init_image = load_image(args.init_img) if args.command == "img2img" else None
     device = _device(args.device)
     precision = _precision(args.precision, device)
     model = load(
         args.ckpt, config=args.config, device=device, dtype=torch.float32 if precision == "fp32" else None
     )
-    _check_model(args, model)
-    low, high = DEFAULT_SCALES[args.command]
-    options: dict[str, Any] = {
+    return model, precision
+
+
+def _generation_options(args: argparse.Namespace, sampler: str, precision: str) -> dict[str, Any]:
+    """The pipeline options of the shared generation flags (the guidance scale is each command's)."""
+    return {
         "steps": args.ddim_steps,
-        "guidance_scale": args.scale
-        if args.scale is not None
-        else (high if model.spec.variant == "sd2" else low),
         "width": args.W,
         "height": args.H,
         "sampler": sampler,
@@ -198,18 +197,43 @@ def _generate(args: argparse.Namespace) -> int:
         "precision": precision,
         "fixed_code": args.fixed_code,
     }
-    if args.command == "img2img":
-        options["strength"] = args.strength
+
+
+def _generate_batches(
+    args: argparse.Namespace, batches: list[list[str]], generate: Callable[[list[str], int], Generation]
+) -> list[Image.Image]:
+    """``generate(prompts, n_samples)`` for every batch of :func:`_prompt_batches`; all their images."""
     images: list[Image.Image] = []
     for prompts in batches:
         # The prompt: n_samples images of it; a file: a batch of up to n_samples prompts, one image each.
         n_samples = args.n_samples if args.from_file is None else 1
+        images += generate(prompts, n_samples).images
+    return images
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from openldm.images import load_image
+
+    sampler = _sampler_name(args)
+    _check_input(args)
+    batches = _prompt_batches(args)
+    init_image = load_image(args.init_img) if args.command == "img2img" else None
+    model, precision = _load_model(args)
+    _check_model(args, model)
+    low, high = DEFAULT_SCALES[args.command]
+    options = _generation_options(args, sampler, precision)
+    options["guidance_scale"] = (
+        args.scale if args.scale is not None else (high if model.spec.variant == "sd2" else low)
+    )
+    if args.command == "img2img":
+        options["strength"] = args.strength
+
+    def generate(prompts: list[str], n_samples: int) -> Generation:
         if args.command == "txt2img":
-            result = model.txt2img(prompts, args.negative_prompt, n_samples=n_samples, **options)
-        else:
-            result = model.img2img(prompts, init_image, args.negative_prompt, n_samples=n_samples, **options)
-        images += result.images
-    _save_outputs(args, images)
+            return model.txt2img(prompts, args.negative_prompt, n_samples=n_samples, **options)
+        return model.img2img(prompts, init_image, args.negative_prompt, n_samples=n_samples, **options)
+
+    _save_outputs(args, _generate_batches(args, batches, generate))
     return 0
 
 
@@ -238,12 +262,30 @@ unless --H/--W ask for a size.""",
 }
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser, command: str) -> None:
+def _add_generation_flags(
+    parser: argparse.ArgumentParser,
+    command: str,
+    *,
+    defaults: dict[str, Any] | None = None,
+    helps: dict[str, str] | None = None,
+) -> None:
+    """txt2img's or img2img's flags (``command``); ``defaults`` / ``helps`` (by dest: ``strength``,
+    ``outdir``, ``scale``, ``n_samples``...) replace a flag's default and help text for another command."""
     from openldm.sampling.samplers import SAMPLERS
 
     img = command == "img2img"
     low, high = DEFAULT_SCALES[command]
-    add = parser.add_argument
+    defaults, helps = defaults or {}, helps or {}
+    unused = set(defaults) | set(helps)
+
+    def add(*flags: str, **options: Any) -> None:
+        dest = flags[0].lstrip("-").replace("-", "_")
+        unused.discard(dest)
+        if dest in defaults:
+            options["default"] = defaults[dest]
+        options["help"] = helps.get(dest, options.get("help"))
+        parser.add_argument(*flags, **options)
+
     add("--prompt", default=DEFAULT_PROMPT, help="the prompt to render (default: %(default)r)")
     add("--negative-prompt", default="", help="what to guide away from (default: none)")
     if img:
@@ -322,6 +364,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser, command: str) -> None
     )
     add("--device", help="cpu, cuda, cuda:1, mps... (default: cuda, else mps, else cpu)")
     add("--no-weighting", action="store_true", help="read (word:1.3), (word), [word] as plain text")
+    if unused:  # a programming error: a command overriding a flag that is not there
+        raise KeyError(f"no generation flag for {', '.join(sorted(unused))}")
     parser.set_defaults(run=_generate)
 
 

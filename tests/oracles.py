@@ -70,9 +70,21 @@ PIPELINES: dict[str, tuple[str, dict[str, Any]]] = {
             "feature_extractor": ["transformers", "CLIPImageProcessor"],
             "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
             "image_noising_scheduler": ["diffusers", "DDPMScheduler"],
-            "image_normalizer": ["stable_unclip_image_normalizer", "StableUnCLIPImageNormalizer"],
+            "image_normalizer": ["stable_diffusion", "StableUnCLIPImageNormalizer"],
         },
     ),
+}
+# The published stabilityai/stable-diffusion-x4-upscaler low_res_scheduler config (the reference's
+# low_scale_config: betas 1e-4..0.02 linear in sqrt space).
+LOW_RES_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DDPMScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "variance_type": "fixed_small",
 }
 # Components with weights in a diffusers folder that the loader returns untouched in ``extras``
 # (folder -> weights file -> tensor shapes); the safety checker is written too and must be skipped.
@@ -283,9 +295,12 @@ def write_diffusers_folder(
             {"vision_model.post_layernorm.weight": torch.ones(8)},
             folder / "safety_checker" / "model.safetensors",
         )
-    for name in ("low_res_scheduler", "image_noising_scheduler"):
-        if name in components:
-            _write_json(folder / name / "scheduler_config.json", {"_class_name": "DDPMScheduler"})
+    if "low_res_scheduler" in components:
+        _write_json(folder / "low_res_scheduler" / "scheduler_config.json", LOW_RES_SCHEDULER)
+    if "image_noising_scheduler" in components:
+        _write_json(
+            folder / "image_noising_scheduler" / "scheduler_config.json", {"_class_name": "DDPMScheduler"}
+        )
     for name, (filename, tensors) in diffusers_extras(variant).items():
         _save(tensors, folder / name / filename)
 

@@ -46,18 +46,6 @@ SPEC = TINY["x4-upscaler"]
 PROMPT = "a photograph of a lighthouse, sharp details"
 NEGATIVE = "blurry, low quality"
 PIXEL_TOL = 1e-3
-# The published stabilityai/stable-diffusion-x4-upscaler low_res_scheduler config (the reference's
-# low_scale_config: betas 1e-4..0.02 linear in sqrt space).
-LOW_RES_SCHEDULER = {
-    "_class_name": "DDPMScheduler",
-    "beta_end": 0.02,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.0001,
-    "clip_sample": True,
-    "num_train_timesteps": 1000,
-    "trained_betas": None,
-    "variance_type": "fixed_small",
-}
 ERRORS: dict[str, float] = {}
 
 
@@ -80,7 +68,6 @@ def oracles() -> Oracles:
 def folder(tmp_path_factory, oracles) -> Path:
     folder = tmp_path_factory.mktemp("upscale") / "x4"
     write_diffusers_folder(folder, "x4-upscaler", SPEC, oracles, text_5x=False)
-    (folder / "low_res_scheduler" / "scheduler_config.json").write_text(json.dumps(LOW_RES_SCHEDULER))
     return folder
 
 

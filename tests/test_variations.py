@@ -201,23 +201,7 @@ def setup(tmp_path_factory) -> dict[str, Any]:
         model_max_length=77,
     )
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", sample_size=SIZE // 8)
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
-        StableUnCLIPImageNormalizer,
-    )
-
-    # Built from the folder's parts (diffusers will not import the normalizer's module by the name
-    # tests.oracles writes in model_index.json).
-    pipe = diffusers.StableUnCLIPImg2ImgPipeline(
-        feature_extractor=transformers.CLIPImageProcessor.from_pretrained(folder / "feature_extractor"),
-        image_encoder=transformers.CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder"),
-        image_normalizer=StableUnCLIPImageNormalizer.from_pretrained(folder / "image_normalizer"),
-        image_noising_scheduler=diffusers.DDPMScheduler.from_pretrained(folder / "image_noising_scheduler"),
-        tokenizer=tokenizer,
-        text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        unet=unet,
-        scheduler=diffusers.DDIMScheduler.from_pretrained(folder / "scheduler"),
-        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
-    )
+    pipe = diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(folder, tokenizer=tokenizer, unet=unet)
     pipe.set_progress_bar_config(disable=True)
     return {
         "folder": folder,

@@ -10,7 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from PIL import Image
+    from openldm.pipelines.common import Generation
 
 NAME = "depth2img"
 DEFAULT_STRENGTH = 0.8  # the reference's depth2img scripts and diffusers
@@ -39,33 +39,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_generation_flags(parser, "img2img")
+    _add_generation_flags(
+        parser,
+        "img2img",
+        defaults={"strength": DEFAULT_STRENGTH, "outdir": f"outputs/{NAME}-samples", "n_samples": 1},
+        helps={
+            "strength": "how much of the init image is redrawn, 0..1 (default: %(default)s)",
+            "scale": f"classifier-free guidance scale (default: {DEFAULT_SCALE}, as the reference)",
+        },
+    )
     parser.add_argument(
         "--depth-map",
         help="depth of the init image: an image or .npy file, larger is nearer "
         "(default: estimated with the checkpoint's MiDaS estimator)",
     )
-    parser.set_defaults(
-        run=run, strength=DEFAULT_STRENGTH, outdir=f"outputs/{NAME}-samples", n_samples=1, scale=None
-    )
-    for action in parser._actions:  # the help text of the shared flags, with this command's defaults
-        if action.dest == "strength":
-            action.help = "how much of the init image is redrawn, 0..1 (default: %(default)s)"
-        elif action.dest == "scale":
-            action.help = f"classifier-free guidance scale (default: {DEFAULT_SCALE}, as the reference)"
+    parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from openldm.checkpoints.load import load
     from openldm.cli import (
         UsageError,
         _check_input,
         _check_model,
-        _device,
-        _precision,
+        _generate_batches,
+        _generation_options,
+        _load_model,
         _prompt_batches,
         _sampler_name,
         _save_outputs,
@@ -80,11 +79,7 @@ def run(args: argparse.Namespace) -> int:
     batches = _prompt_batches(args)
     init_image = load_image(args.init_img)
     depth_map = read_depth_map(args.depth_map) if args.depth_map is not None else None
-    device = _device(args.device)
-    precision = _precision(args.precision, device)
-    model = load(
-        args.ckpt, config=args.config, device=device, dtype=torch.float32 if precision == "fp32" else None
-    )
+    model, precision = _load_model(args)
     _check_model(args, model)
     if model.spec.variant != "depth":
         raise UsageError(
@@ -92,25 +87,14 @@ def run(args: argparse.Namespace) -> int:
             "(such as 512-depth-ema)"
         )
     options: dict[str, Any] = {
+        **_generation_options(args, sampler, precision),
         "depth_map": depth_map,
         "strength": args.strength,
-        "steps": args.ddim_steps,
         "guidance_scale": args.scale if args.scale is not None else DEFAULT_SCALE,
-        "width": args.W,
-        "height": args.H,
-        "sampler": sampler,
-        "seed": args.seed,
-        "n_iter": args.n_iter,
-        "eta": args.ddim_eta,
-        "karras": args.karras,
-        "weighting": not args.no_weighting,
-        "precision": precision,
-        "fixed_code": args.fixed_code,
     }
-    images: list[Image.Image] = []
-    for prompts in batches:
-        n_samples = args.n_samples if args.from_file is None else 1
-        result = depth2img(model, prompts, init_image, args.negative_prompt, n_samples=n_samples, **options)
-        images += result.images
-    _save_outputs(args, images)
+
+    def generate(prompts: list[str], n_samples: int) -> Generation:
+        return depth2img(model, prompts, init_image, args.negative_prompt, n_samples=n_samples, **options)
+
+    _save_outputs(args, _generate_batches(args, batches, generate))
     return 0

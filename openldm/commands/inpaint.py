@@ -14,15 +14,16 @@ from openldm.cli import (
     _add_generation_flags,
     _check_input,
     _check_model,
-    _device,
-    _precision,
+    _generate_batches,
+    _generation_options,
+    _load_model,
     _prompt_batches,
     _sampler_name,
     _save_outputs,
 )
 
 if TYPE_CHECKING:
-    from PIL import Image
+    from openldm.pipelines.common import Generation
 
 DEFAULT_SCALE = 7.5  # diffusers' StableDiffusionInpaintPipeline default
 DEFAULT_STRENGTH = 1.0
@@ -50,34 +51,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_generation_flags(parser, "img2img")
+    _add_generation_flags(
+        parser,
+        "img2img",
+        defaults={"strength": DEFAULT_STRENGTH, "outdir": "outputs/inpaint-samples"},
+        helps={
+            "strength": "how much of the masked region is redrawn, 0..1 "
+            "(default: %(default)s: from pure noise)",
+            "scale": f"classifier-free guidance scale (default: {DEFAULT_SCALE})",
+        },
+    )
     parser.add_argument("--mask", required=True, help="the mask image: white = repaint, black = keep")
     parser.add_argument(
         "--paste-back", action="store_true", help="copy the kept pixels of the init image into the outputs"
     )
-    _set_default(parser, "strength", DEFAULT_STRENGTH, "how much of the masked region is redrawn, 0..1 "
-                 "(default: %(default)s: from pure noise)")  # fmt: skip
-    _set_default(
-        parser, "outdir", "outputs/inpaint-samples", "dir to write results to (default: %(default)s)"
-    )
-    _set_default(parser, "scale", None, f"classifier-free guidance scale (default: {DEFAULT_SCALE})")
     parser.set_defaults(run=run)
     return parser
 
 
-def _set_default(parser: argparse.ArgumentParser, dest: str, default: Any, help: str) -> None:
-    """Change the default and help of a flag that img2img's flag set added."""
-    for action in parser._actions:
-        if action.dest == dest:
-            action.default, action.help = default, help
-            return
-    raise KeyError(dest)
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from openldm.checkpoints.load import load
     from openldm.images import load_image
     from openldm.pipelines.inpaint import INPAINT_VARIANTS, inpaint, load_mask
 
@@ -88,38 +80,21 @@ def run(args: argparse.Namespace) -> int:
     batches = _prompt_batches(args)
     init_image = load_image(args.init_img)
     mask = load_mask(args.mask)
-    device = _device(args.device)
-    precision = _precision(args.precision, device)
-    model = load(
-        args.ckpt, config=args.config, device=device, dtype=torch.float32 if precision == "fp32" else None
-    )
+    model, precision = _load_model(args)
     _check_model(args, model)
     if model.spec.variant not in INPAINT_VARIANTS:
         raise UsageError(
             f"{args.ckpt} is a {model.spec.variant} model; inpaint needs an inpainting or text-to-image model"
         )
     options: dict[str, Any] = {
+        **_generation_options(args, sampler, precision),
         "strength": args.strength,
-        "steps": args.ddim_steps,
         "guidance_scale": args.scale if args.scale is not None else DEFAULT_SCALE,
-        "width": args.W,
-        "height": args.H,
-        "sampler": sampler,
-        "seed": args.seed,
-        "n_iter": args.n_iter,
-        "eta": args.ddim_eta,
-        "karras": args.karras,
-        "weighting": not args.no_weighting,
-        "precision": precision,
-        "fixed_code": args.fixed_code,
         "paste_back": args.paste_back,
     }
-    images: list[Image.Image] = []
-    for prompts in batches:
-        n_samples = args.n_samples if args.from_file is None else 1
-        result = inpaint(
-            model, prompts, init_image, mask, args.negative_prompt, n_samples=n_samples, **options
-        )
-        images += result.images
-    _save_outputs(args, images)
+
+    def generate(prompts: list[str], n_samples: int) -> Generation:
+        return inpaint(model, prompts, init_image, mask, args.negative_prompt, n_samples=n_samples, **options)
+
+    _save_outputs(args, _generate_batches(args, batches, generate))
     return 0

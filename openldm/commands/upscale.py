@@ -124,21 +124,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from openldm.checkpoints.load import load
-    from openldm.cli import _device, _precision, _sampler_name, _save_outputs
+    from openldm.cli import _load_model, _sampler_name, _save_outputs
     from openldm.images import load_image
     from openldm.pipelines.upscale import upscale
 
     sampler = _sampler_name(args)
     check_args(args)
     image = load_image(args.init_img)
-    device = _device(args.device)
-    precision = _precision(args.precision, device)
-    model = load(
-        args.ckpt, config=args.config, device=device, dtype=torch.float32 if precision == "fp32" else None
-    )
+    model, precision = _load_model(args)
     result = upscale(
         model,
         args.prompt,

@@ -11,7 +11,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from PIL import Image
+    from openldm.pipelines.common import Generation
 
 NAME = "variations"
 DEFAULT_SCALE = 10.0
@@ -39,7 +39,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_generation_flags(parser, "txt2img")
+    _add_generation_flags(
+        parser,
+        "txt2img",
+        defaults={
+            "prompt": "",
+            "outdir": f"outputs/{NAME}-samples",
+            "ddim_steps": DEFAULT_STEPS,
+            "n_samples": 1,
+            "n_iter": 1,
+        },
+        helps={
+            "prompt": "a prompt to steer the variations (default: none)",
+            "scale": f"classifier-free guidance scale (default: {DEFAULT_SCALE}, as diffusers)",
+        },
+    )
     parser.add_argument("--init-img", required=True, help="path to the image to vary")
     parser.add_argument(
         "--noise-level",
@@ -47,39 +61,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0,
         help="noise added to the image's CLIP embedding, 0..999 (default: %(default)s)",
     )
-    parser.set_defaults(
-        run=run,
-        prompt="",
-        outdir=f"outputs/{NAME}-samples",
-        ddim_steps=DEFAULT_STEPS,
-        n_samples=1,
-        n_iter=1,
-        scale=None,
-    )
-    helps = {
-        "prompt": "a prompt to steer the variations (default: none)",
-        "ddim_steps": "number of sampling steps (default: %(default)s)",
-        "n_samples": "images per prompt, a.k.a. batch size (default: %(default)s)",
-        "n_iter": "sample this often (default: %(default)s)",
-        "scale": f"classifier-free guidance scale (default: {DEFAULT_SCALE}, as diffusers)",
-        "W": "image width in pixels, a multiple of 8 (default: the model's image size)",
-    }
-    for action in parser._actions:  # the help text of the shared flags, with this command's defaults
-        if action.dest in helps:
-            action.help = helps[action.dest]
+    parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from openldm.checkpoints.load import load
     from openldm.cli import (
         UsageError,
         _check_input,
         _check_model,
-        _device,
-        _precision,
+        _generate_batches,
+        _generation_options,
+        _load_model,
         _prompt_batches,
         _sampler_name,
         _save_outputs,
@@ -94,11 +87,7 @@ def run(args: argparse.Namespace) -> int:
     _check_input(args)
     batches = _prompt_batches(args)
     init_image = load_image(args.init_img)
-    device = _device(args.device)
-    precision = _precision(args.precision, device)
-    model = load(
-        args.ckpt, config=args.config, device=device, dtype=torch.float32 if precision == "fp32" else None
-    )
+    model, precision = _load_model(args)
     _check_model(args, model)
     if model.spec.variant != "unclip":
         raise UsageError(
@@ -106,25 +95,14 @@ def run(args: argparse.Namespace) -> int:
             "(such as sd21-unclip-h)"
         )
     options: dict[str, Any] = {
+        **_generation_options(args, sampler, precision),
         "noise_level": args.noise_level,
-        "steps": args.ddim_steps,
         "guidance_scale": args.scale if args.scale is not None else DEFAULT_SCALE,
-        "width": args.W,
-        "height": args.H,
-        "sampler": sampler,
-        "seed": args.seed,
-        "n_iter": args.n_iter,
-        "eta": args.ddim_eta,
-        "karras": args.karras,
-        "weighting": not args.no_weighting,
-        "precision": precision,
-        "fixed_code": args.fixed_code,
         "embedder": image_embedder(model),  # built once for every batch
     }
-    images: list[Image.Image] = []
-    for prompts in batches:
-        n_samples = args.n_samples if args.from_file is None else 1
-        result = variations(model, init_image, prompts, args.negative_prompt, n_samples=n_samples, **options)
-        images += result.images
-    _save_outputs(args, images)
+
+    def generate(prompts: list[str], n_samples: int) -> Generation:
+        return variations(model, init_image, prompts, args.negative_prompt, n_samples=n_samples, **options)
+
+    _save_outputs(args, _generate_batches(args, batches, generate))
     return 0

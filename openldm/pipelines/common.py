@@ -1,4 +1,4 @@
-"""What txt2img and img2img share: checks, seeds, conditioning, the denoise loop, precision, decoding.
+"""What the pipelines share: checks, seeds, conditioning, the denoise loop, precision, decoding.
 
 Latents live in the samplers' sigma space (``x = x0 + sigma * eps``) while sampling and are float32
 throughout; the networks run in the model's dtype, or under autocast when a lower precision is asked.
@@ -77,13 +77,15 @@ def check_options(
     n_iter: int,
     output_type: str,
     precision: str | None,
+    variants: Sequence[str] = TEXT_TO_IMAGE_VARIANTS,
+    needs: str = f"txt2img and img2img need a text-to-image model ({' or '.join(TEXT_TO_IMAGE_VARIANTS)})",
 ) -> SamplerInfo:
-    """Raise ``ValueError`` naming the first bad option; return the sampler's registry entry."""
-    if model.spec.variant not in TEXT_TO_IMAGE_VARIANTS:
-        raise ValueError(
-            f"this is a {model.spec.variant} model; txt2img and img2img need a text-to-image model "
-            f"({' or '.join(TEXT_TO_IMAGE_VARIANTS)})"
-        )
+    """Raise ``ValueError`` naming the first bad option; return the sampler's registry entry.
+
+    ``variants``: the model variants the pipeline drives; ``needs`` completes the message refusing others.
+    """
+    if model.spec.variant not in variants:
+        raise ValueError(f"this is a {model.spec.variant} model; {needs}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     if steps > model.spec.schedule.num_timesteps:
@@ -154,6 +156,13 @@ def draw_noise(generator: torch.Generator, shape: Sequence[int], device: torch.d
     return torch.randn(list(shape), generator=generator, device=generator.device).to(device)
 
 
+def unit_noise(
+    generator: torch.Generator, shape: Sequence[int], device: torch.device, given: torch.Tensor | None
+) -> torch.Tensor:
+    """The given unit noise in float32 on ``device``, or fresh noise drawn from the generator."""
+    return draw_noise(generator, shape, device) if given is None else given.to(device, torch.float32)
+
+
 # --- precision ---------------------------------------------------------------------------------
 
 
@@ -202,9 +211,39 @@ def conditioning(
     return both[len(negatives) :], both[: len(negatives)]
 
 
+def check_strength(strength: float) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
+
+
+def strength_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
+    """The last ``int(strength * steps)`` steps of a ``steps``-step schedule (img2img's SDEdit)."""
+    return sigmas[steps - min(int(strength * steps), steps) :]
+
+
+def encode_images(
+    model: StableDiffusion, precision: str | None, pixels: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] -> scaled latents (one posterior sample each) on the UNet's device."""
+    pixels = pixels.to(device_of(model.vae))
+    return vae_call(
+        model,
+        precision,
+        "encoder",
+        lambda vae: vae.to_latent(pixels.to(dtype_of(vae)), generator=generator),
+        generator,
+    ).to(device_of(model.unet))
+
+
 def sampling_sigmas(model: StableDiffusion, info: SamplerInfo, steps: int, karras: bool) -> torch.Tensor:
     """The float64 sigmas (``steps + 1``, descending, last 0) that ``info``'s sampler walks."""
     return info.sigmas(NoiseSchedule(model.spec.schedule), steps, karras=karras)
+
+
+# ``hook(guided, x, sigma) -> x0``: wraps the guided denoiser (inpainting's latent blending).
+DenoiserHook = Callable[
+    [Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor
+]
 
 
 @dataclass
@@ -212,6 +251,8 @@ class Sampling:
     """One configured sampling run: ``sampling(x)`` denoises ``x`` (at ``sigmas[0]``) down ``sigmas``.
 
     Latents are float32 in and out; the UNet runs in its dtype, or under autocast for fp16/bf16.
+    ``extra_cond``: more UNet conditioning next to the context (``c_concat``, ``y``), for both guidance
+    branches unless ``extra_uncond`` gives the unconditional branch its own.
     """
 
     model: StableDiffusion
@@ -225,16 +266,23 @@ class Sampling:
     precision: str | None
     callback: Callback | None = None
     bar: tqdm | None = None
+    extra_cond: dict[str, torch.Tensor] | None = None
+    extra_uncond: dict[str, torch.Tensor] | None = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, hook: DenoiserHook | None = None) -> torch.Tensor:
         model = self.model
         dtype = dtype_of(model.unet)
         denoiser = Denoiser(model.unet, NoiseSchedule(model.spec.schedule), model.spec.prediction_type)
-        uncond = None if self.uncond is None else self.uncond.to(dtype)
-        guided = CFGDenoiser(denoiser, self.cond.to(dtype), uncond, float(self.guidance_scale))
+        extra = self._extra(self.extra_cond)
+        cond = {"context": self.cond.to(dtype), **extra}
+        uncond = None
+        if self.uncond is not None:
+            extra_uncond = extra if self.extra_uncond is None else self._extra(self.extra_uncond)
+            uncond = {"context": self.uncond.to(dtype), **extra_uncond}
+        guided = CFGDenoiser(denoiser, cond, uncond, float(self.guidance_scale))
 
         def x0_float(latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return guided(latent, sigma).float()
+            return guided(latent, sigma).float() if hook is None else hook(guided, latent, sigma)
 
         def step(i: int, total: int, latent: torch.Tensor, x0: torch.Tensor) -> None:
             if self.bar is not None:
@@ -248,6 +296,14 @@ class Sampling:
             )
         check_latents(x, self.precision)
         return x
+
+    def _extra(self, extra: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Floating tensors in the UNet's dtype (integer labels kept), on its device."""
+        unet = self.model.unet
+        return {
+            key: value.to(device_of(unet), dtype_of(unet) if value.is_floating_point() else value.dtype)
+            for key, value in (extra or {}).items()
+        }
 
 
 def sampler_options(name: str, info: SamplerInfo, eta: float | None) -> dict[str, Any]:
@@ -378,6 +434,32 @@ def image_settings(run: dict[str, Any], batch_size: int, n_iter: int, iteration:
         }
         for position in range(batch_size)
     ]
+
+
+def run_repeats(
+    model: StableDiffusion,
+    n_iter: int,
+    sample: Callable[[int], torch.Tensor],
+    *,
+    prompts: list[str],
+    negatives: list[str],
+    run: dict[str, Any],
+    seed: int,
+    output_type: str,
+    precision: str | None,
+) -> Generation:
+    """``sample(iteration) -> latents`` for each of ``n_iter`` repeats, decoded, then :func:`finish`."""
+    latents, images, settings = [], [], []
+    for iteration in range(n_iter):
+        x = sample(iteration)
+        if output_type != "latent":
+            images.append(decode(model, x, precision))
+        latents.append(x)
+        settings += image_settings(run, len(prompts), n_iter, iteration)
+    decoded = torch.cat(images) if images else None
+    return finish(
+        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
+    )
 
 
 def finish(

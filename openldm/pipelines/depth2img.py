@@ -16,12 +16,10 @@ one side to 384; bicubic) in [-1, 1]. Sampling is :func:`openldm.pipelines.img2i
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,21 +34,22 @@ from openldm.pipelines.common import (
     autocast,
     batch_prompts,
     check_options,
+    check_strength,
     check_weights_precision,
     conditioning,
-    decode,
     device_of,
     draw_noise,
     dtype_of,
-    finish,
-    image_settings,
+    encode_images,
     make_generator,
     progress_bar,
+    run_repeats,
     run_settings,
     sampler_options,
     sampling_sigmas,
     size_multiple,
-    vae_call,
+    strength_sigmas,
+    unit_noise,
 )
 from openldm.pipelines.img2img import InitImage, prepare_init_image
 
@@ -179,35 +178,6 @@ def estimate_depth(model: StableDiffusion, image: torch.Tensor) -> torch.Tensor:
 # --- the pipeline ------------------------------------------------------------------------------
 
 
-class _ConcatUNet(nn.Module):
-    """The UNet with the depth channel appended to its input (the same map for every guidance half).
-
-    Interim: :class:`~openldm.pipelines.common.Sampling` passes no extra conditioning yet; the
-    :class:`~openldm.sampling.denoiser.Denoiser`'s ``c_concat`` is the place for it once it does.
-    """
-
-    def __init__(self, unet: nn.Module, c_concat: torch.Tensor) -> None:
-        super().__init__()
-        self.unet = unet
-        self.c_concat = c_concat
-
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **cond: Any) -> torch.Tensor:
-        extra = self.c_concat.to(x)
-        extra = extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)
-        return self.unet(torch.cat([x, extra], dim=1), timesteps, **cond)
-
-
-def _check_options(model: StableDiffusion, **options: Any) -> Any:
-    """check_options for the depth model (it accepts text-to-image models only)."""
-    if model.spec.variant != DEPTH_VARIANT:
-        raise ValueError(
-            f"this is a {model.spec.variant} model; depth2img needs a depth model (a UNet with 5 input "
-            "channels, such as 512-depth-ema)"
-        )
-    view = SimpleNamespace(spec=SimpleNamespace(variant="sd2", schedule=model.spec.schedule))
-    return check_options(view, **options)  # type: ignore[arg-type]
-
-
 def depth2img(
     model: StableDiffusion,
     prompt: str | Sequence[str],
@@ -242,7 +212,7 @@ def depth2img(
     generated image; None estimates it with the checkpoint's MiDaS estimator. The other options are
     :func:`openldm.pipelines.img2img.img2img`'s (``image`` is its ``init_image``).
     """
-    info = _check_options(
+    info = check_options(
         model,
         steps=steps,
         guidance_scale=guidance_scale,
@@ -251,10 +221,11 @@ def depth2img(
         n_iter=n_iter,
         output_type=output_type,
         precision=precision,
+        variants=(DEPTH_VARIANT,),
+        needs="depth2img needs a depth model (a UNet with 5 input channels, such as 512-depth-ema)",
     )
     check_weights_precision(model, precision)
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
+    check_strength(strength)
     given = read_depth_map(depth_map) if depth_map is not None else None
     factor = model.spec.vae.downsampling_factor
     pixels = prepare_init_image(image, width, height, size_multiple(model))
@@ -270,8 +241,7 @@ def depth2img(
     shape = (len(prompts), model.spec.vae.embed_dim, height // factor, width // factor)
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
-    sigmas = sampling_sigmas(model, info, steps, karras)
-    sigmas = sigmas[steps - min(int(strength * steps), steps) :]
+    sigmas = strength_sigmas(sampling_sigmas(model, info, steps, karras), steps, strength)
     run = run_settings(
         model,
         info,
@@ -293,18 +263,10 @@ def depth2img(
         with autocast(device, precision):
             cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
         # 3. Encode the init image: one posterior sample per batch image.
-        batch = pixels.to(device_of(model.vae)).expand(len(prompts), -1, -1, -1)
-        z = vae_call(
-            model,
-            precision,
-            "encoder",
-            lambda vae: vae.to_latent(batch.to(dtype_of(vae)), generator=generator),
-            generator,
-        ).to(device)
+        z = encode_images(model, precision, pixels.expand(len(prompts), -1, -1, -1), generator)
         bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "depth2img")
-        with_depth = dataclasses.replace(model, unet=_ConcatUNet(model.unet, depth))
         sample = Sampling(
-            with_depth,
+            model,
             info,
             sigmas,
             cond,
@@ -315,26 +277,27 @@ def depth2img(
             precision,
             callback,
             bar,
+            extra_cond={"c_concat": depth},
         )
         if noise is None and fixed_code:
             noise = draw_noise(generator, shape, device)
-        latents, images, settings = [], [], []
-        for iteration in range(n_iter):
-            # 4. Noise to the first sigma of the steps that run, and sample.
-            if len(sigmas) > 1:
-                fresh = (
-                    draw_noise(generator, shape, device) if noise is None else noise.to(device, torch.float32)
-                )
-                x = sample(z + float(sigmas[0]) * fresh)
-            else:
-                x = z.clone()
-            # 5. Decode.
-            if output_type != "latent":
-                images.append(decode(model, x, precision))
-            latents.append(x)
-            settings += image_settings(run, len(prompts), n_iter, iteration)
+
+        def sample_one(iteration: int) -> torch.Tensor:
+            # 4. Noise to the first sigma of the steps that run, and sample (5. decode).
+            if len(sigmas) == 1:
+                return z.clone()
+            return sample(z + float(sigmas[0]) * unit_noise(generator, shape, device, noise))
+
+        result = run_repeats(
+            model,
+            n_iter,
+            sample_one,
+            prompts=prompts,
+            negatives=negatives,
+            run=run,
+            seed=seed,
+            output_type=output_type,
+            precision=precision,
+        )
         bar.close()
-    decoded = torch.cat(images) if images else None
-    return finish(
-        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
-    )
+    return result

@@ -33,21 +33,21 @@ from openldm.pipelines.common import (
     batch_prompts,
     check_options,
     check_size,
+    check_strength,
     check_weights_precision,
     conditioning,
-    decode,
     device_of,
     draw_noise,
-    dtype_of,
-    finish,
-    image_settings,
+    encode_images,
     make_generator,
     progress_bar,
+    run_repeats,
     run_settings,
     sampler_options,
     sampling_sigmas,
     size_multiple,
-    vae_call,
+    strength_sigmas,
+    unit_noise,
 )
 
 if TYPE_CHECKING:
@@ -101,8 +101,7 @@ def img2img(
         precision=precision,
     )
     check_weights_precision(model, precision)
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
+    check_strength(strength)
     factor = model.spec.vae.downsampling_factor
     image = prepare_init_image(init_image, width, height, size_multiple(model))
     height, width = image.shape[-2:]
@@ -114,8 +113,7 @@ def img2img(
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
     # The last int(strength * steps) steps of the schedule.
-    sigmas = sampling_sigmas(model, info, steps, karras)
-    sigmas = sigmas[steps - min(int(strength * steps), steps) :]
+    sigmas = strength_sigmas(sampling_sigmas(model, info, steps, karras), steps, strength)
     run = run_settings(
         model,
         info,
@@ -134,40 +132,33 @@ def img2img(
         with autocast(device, precision):
             cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
         # 2. Encode the init image: one posterior sample per batch image.
-        batch = image.to(device_of(model.vae)).expand(len(prompts), -1, -1, -1)
-        z = vae_call(
-            model,
-            precision,
-            "encoder",
-            lambda vae: vae.to_latent(batch.to(dtype_of(vae)), generator=generator),
-            generator,
-        ).to(device)
+        z = encode_images(model, precision, image.expand(len(prompts), -1, -1, -1), generator)
         bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "img2img")
         sample = Sampling(
             model, info, sigmas, cond, uncond, guidance_scale, generator, options, precision, callback, bar
         )
         if noise is None and fixed_code:
             noise = draw_noise(generator, shape, device)
-        latents, images, settings = [], [], []
-        for iteration in range(n_iter):
-            # 3. Noise to the first sigma of the steps that run, and sample.
-            if len(sigmas) > 1:
-                fresh = (
-                    draw_noise(generator, shape, device) if noise is None else noise.to(device, torch.float32)
-                )
-                x = sample(z + float(sigmas[0]) * fresh)
-            else:
-                x = z.clone()
-            # 4. Decode.
-            if output_type != "latent":
-                images.append(decode(model, x, precision))
-            latents.append(x)
-            settings += image_settings(run, len(prompts), n_iter, iteration)
+
+        def sample_one(iteration: int) -> torch.Tensor:
+            # 3. Noise to the first sigma of the steps that run, and sample (4. decode).
+            if len(sigmas) == 1:
+                return z.clone()
+            return sample(z + float(sigmas[0]) * unit_noise(generator, shape, device, noise))
+
+        result = run_repeats(
+            model,
+            n_iter,
+            sample_one,
+            prompts=prompts,
+            negatives=negatives,
+            run=run,
+            seed=seed,
+            output_type=output_type,
+            precision=precision,
+        )
         bar.close()
-    decoded = torch.cat(images) if images else None
-    return finish(
-        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
-    )
+    return result
 
 
 def prepare_init_image(

@@ -33,7 +33,6 @@ images, exactly: the same bytes in the PIL output, the same values in the ``np``
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,29 +52,25 @@ from openldm.pipelines.common import (
     Sampling,
     autocast,
     batch_prompts,
-    check_latents,
     check_options,
     check_size,
+    check_strength,
     check_weights_precision,
     conditioning,
-    decode,
     device_of,
     draw_noise,
-    dtype_of,
-    finish,
-    image_settings,
+    encode_images,
     make_generator,
     progress_bar,
+    run_repeats,
     run_settings,
     sampler_options,
     sampling_sigmas,
     size_multiple,
-    vae_call,
+    strength_sigmas,
+    unit_noise,
 )
 from openldm.pipelines.img2img import InitImage, prepare_init_image
-from openldm.sampling.denoiser import CFGDenoiser, Denoiser
-from openldm.sampling.samplers import SamplerInfo
-from openldm.sampling.schedule import NoiseSchedule
 
 if TYPE_CHECKING:
     from openldm.checkpoints.load import StableDiffusion
@@ -126,7 +121,7 @@ def inpaint(
         The other options are :func:`openldm.pipelines.txt2img.txt2img`'s; ``noise`` is the unit
         starting noise [batch, 4, H/8, W/8] (also the noise of the blended kept region).
     """
-    info = _check_options(
+    info = check_options(
         model,
         steps=steps,
         guidance_scale=guidance_scale,
@@ -135,10 +130,12 @@ def inpaint(
         n_iter=n_iter,
         output_type=output_type,
         precision=precision,
+        variants=INPAINT_VARIANTS,
+        needs="inpainting needs an inpainting model or a text-to-image model "
+        f"({', '.join(INPAINT_VARIANTS)})",
     )
     check_weights_precision(model, precision)
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
+    check_strength(strength)
     init = prepare_image(image, width, height, size_multiple(model))
     height, width = init.tensor.shape[-2:]
     repaint = prepare_mask(mask, width, height, init.source_size)
@@ -151,8 +148,7 @@ def inpaint(
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
     concat_channels = model.spec.unet.in_channels > model.spec.vae.embed_dim
-    sigmas = sampling_sigmas(model, info, steps, karras)
-    sigmas = sigmas[steps - min(int(strength * steps), steps) :]
+    sigmas = strength_sigmas(sampling_sigmas(model, info, steps, karras), steps, strength)
     from_noise = strength == 1.0
     run = run_settings(
         model,
@@ -175,17 +171,17 @@ def inpaint(
         latent_mask = F.interpolate(repaint, size=shape[-2:]).to(device)
         z = None
         if not (concat_channels and from_noise):
-            z = _encode(model, precision, init.tensor, generator).to(device)
+            z = encode_images(model, precision, init.tensor, generator)
         if noise is None and fixed_code:
             noise = draw_noise(generator, shape, device)
-        first = draw_noise(generator, shape, device) if noise is None else noise.to(device, torch.float32)
+        first = unit_noise(generator, shape, device, noise)
         # 3. The 9-channel models' extra channels: [mask, latent of the masked image].
-        concat = None
+        extra = None
         if concat_channels:
-            masked = _encode(model, precision, init.tensor * (repaint < 0.5), generator).to(device)
-            concat = torch.cat([latent_mask, masked], dim=1)
+            masked = encode_images(model, precision, init.tensor * (repaint < 0.5), generator)
+            extra = {"c_concat": torch.cat([latent_mask, masked], dim=1)}
         bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "inpaint")
-        sample = MaskedSampling(
+        sample = Sampling(
             model,
             info,
             sigmas,
@@ -197,48 +193,39 @@ def inpaint(
             precision,
             callback,
             bar,
-            concat,
+            extra,
         )
-        latents, images, settings = [], [], []
-        for iteration in range(n_iter):
+
+        def sample_one(iteration: int) -> torch.Tensor:
             unit = first if iteration == 0 or noise is not None else draw_noise(generator, shape, device)
             blend = None if concat_channels else LatentBlend(_required(z), latent_mask >= 0.5, unit)
-            # 4. Sample from pure noise (strength 1) or from the noised init latent.
+            # 4. Sample from pure noise (strength 1) or from the noised init latent (5. decode).
             if len(sigmas) == 1:
                 x = _required(z).expand(shape).clone()
             elif from_noise:
                 x = sample(unit * info.initial_sigma(sigmas), blend)
             else:
                 x = sample(_required(z) + float(sigmas[0]) * unit, blend)
-            if blend is not None:
-                x = blend.finish(x)
-            # 5. Decode.
-            if output_type != "latent":
-                images.append(decode(model, x, precision))
-            latents.append(x)
-            settings += image_settings(run, len(prompts), n_iter, iteration)
+            return x if blend is None else blend.finish(x)
+
+        result = run_repeats(
+            model,
+            n_iter,
+            sample_one,
+            prompts=prompts,
+            negatives=negatives,
+            run=run,
+            seed=seed,
+            output_type=output_type,
+            precision=precision,
+        )
         bar.close()
-    decoded = torch.cat(images) if images else None
-    result = finish(
-        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
-    )
     if paste_back and result.images is not None:
         result.images = paste_kept_pixels(result.images, init, repaint >= 0.5)
     return result
 
 
 # --- checks and inputs -------------------------------------------------------------------------
-
-
-def _check_options(model: StableDiffusion, **options: Any) -> SamplerInfo:
-    if model.spec.variant not in INPAINT_VARIANTS:
-        raise ValueError(
-            f"this is a {model.spec.variant} model; inpainting needs an inpainting model or a text-to-image "
-            f"model ({', '.join(INPAINT_VARIANTS)})"
-        )
-    # check_options only accepts text-to-image variants; its other checks hold here as they are.
-    as_text_model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, variant="sd1"))
-    return check_options(as_text_model, **options)
 
 
 def _required(z: torch.Tensor | None) -> torch.Tensor:
@@ -327,20 +314,6 @@ def load_mask(path: str | os.PathLike[str]) -> Image.Image:
         raise ValueError(f"cannot read mask image {str(path)!r} as an image ({e})") from None
 
 
-def _encode(
-    model: StableDiffusion, precision: str | None, image: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """One image [1, 3, H, W] -> a scaled latent [1, 4, H/8, W/8] (a posterior sample)."""
-    pixels = image.to(device_of(model.vae))
-    return vae_call(
-        model,
-        precision,
-        "encoder",
-        lambda vae: vae.to_latent(pixels.to(dtype_of(vae)), generator=generator),
-        generator,
-    )
-
-
 # --- sampling ----------------------------------------------------------------------------------
 
 
@@ -363,38 +336,6 @@ class LatentBlend:
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return torch.where(self.repaint, x, self.init)
-
-
-@dataclass
-class MaskedSampling(Sampling):
-    """:class:`~openldm.pipelines.common.Sampling` with the inpainting inputs: ``concat`` (the 9-channel
-    models' [mask, masked-image latent], the same for cond and uncond) and, per call, a latent blend."""
-
-    concat: torch.Tensor | None = None
-
-    def __call__(self, x: torch.Tensor, blend: LatentBlend | None = None) -> torch.Tensor:
-        model = self.model
-        dtype = dtype_of(model.unet)
-        denoiser = Denoiser(model.unet, NoiseSchedule(model.spec.schedule), model.spec.prediction_type)
-        cond = {"context": self.cond.to(dtype), "c_concat": self.concat}
-        uncond = None if self.uncond is None else {"context": self.uncond.to(dtype), "c_concat": self.concat}
-        guided = CFGDenoiser(denoiser, cond, uncond, float(self.guidance_scale))
-
-        def x0_float(latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return guided(latent, sigma).float() if blend is None else blend(guided, latent, sigma)
-
-        def step(i: int, total: int, latent: torch.Tensor, x0: torch.Tensor) -> None:
-            if self.bar is not None:
-                self.bar.update(1)
-            if self.callback is not None:
-                self.callback(i, total, latent, x0)
-
-        with autocast(device_of(model.unet), self.precision):
-            x = self.info.fn(
-                x0_float, x, self.sigmas, generator=self.generator, callback=step, **self.options
-            )
-        check_latents(x, self.precision)
-        return x
 
 
 # --- paste-back --------------------------------------------------------------------------------

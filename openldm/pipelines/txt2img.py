@@ -24,17 +24,16 @@ from openldm.pipelines.common import (
     check_size,
     check_weights_precision,
     conditioning,
-    decode,
     device_of,
     draw_noise,
-    finish,
-    image_settings,
     make_generator,
     progress_bar,
+    run_repeats,
     run_settings,
     sampler_options,
     sampling_sigmas,
     size_multiple,
+    unit_noise,
 )
 
 if TYPE_CHECKING:
@@ -133,19 +132,21 @@ def txt2img(
         )
         if noise is None and fixed_code:
             noise = draw_noise(generator, shape, device)
-        latents, images, settings = [], [], []
-        for iteration in range(n_iter):
-            # 2. The starting noise, scaled to the sampler's first sigma.
-            start = draw_noise(generator, shape, device) if noise is None else noise.to(device, torch.float32)
-            # 3. Sample.
-            x = sample(start * info.initial_sigma(sigmas))
-            # 4. Decode.
-            if output_type != "latent":
-                images.append(decode(model, x, precision))
-            latents.append(x)
-            settings += image_settings(run, len(prompts), n_iter, iteration)
+
+        def sample_one(iteration: int) -> torch.Tensor:
+            # 2. The starting noise, scaled to the sampler's first sigma; 3. sample (4. decode).
+            return sample(unit_noise(generator, shape, device, noise) * info.initial_sigma(sigmas))
+
+        result = run_repeats(
+            model,
+            n_iter,
+            sample_one,
+            prompts=prompts,
+            negatives=negatives,
+            run=run,
+            seed=seed,
+            output_type=output_type,
+            precision=precision,
+        )
         bar.close()
-    decoded = torch.cat(images) if images else None
-    return finish(
-        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
-    )
+    return result

@@ -32,8 +32,8 @@ one tile plus the float32 output canvas.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,34 +45,29 @@ from PIL import Image
 
 from openldm.images import load_image, pil_to_tensor
 from openldm.pipelines.common import (
-    OUTPUT_TYPES,
-    PRECISIONS,
     Callback,
     Generation,
+    Sampling,
     autocast,
     batch_prompts,
-    check_latents,
+    check_options,
     check_weights_precision,
     conditioning,
     decode,
     device_of,
     draw_noise,
-    dtype_of,
     finish,
     image_settings,
     make_generator,
     progress_bar,
     run_settings,
     sampler_options,
+    sampling_sigmas,
+    unit_noise,
 )
 from openldm.pipelines.tiles import Blender, Tile, tiles
-from openldm.sampling.denoiser import CFGDenoiser, Denoiser
-from openldm.sampling.samplers import SamplerInfo, get_sampler
-from openldm.sampling.schedule import NoiseSchedule
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
-
     from openldm.checkpoints.load import StableDiffusion
 
 LowResImage = Image.Image | str | os.PathLike[str] | torch.Tensor
@@ -185,36 +180,6 @@ def _whole(name: str, value: Any, low: int) -> int:
     return value
 
 
-def check_upscale_options(
-    model: StableDiffusion,
-    *,
-    steps: int,
-    guidance_scale: float,
-    sampler: str,
-    n_samples: int,
-    n_iter: int,
-    output_type: str,
-    precision: str | None,
-) -> SamplerInfo:
-    """Raise ``ValueError`` naming the first bad option; return the sampler's registry entry."""
-    if model.spec.variant != VARIANT:
-        raise ValueError(f"this is a {model.spec.variant} model; upscale needs an x4 upscaler checkpoint")
-    _whole("steps", steps, 1)
-    if steps > model.spec.schedule.num_timesteps:
-        raise ValueError(f"steps must be at most {model.spec.schedule.num_timesteps}, got {steps}")
-    if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(
-            f"guidance scale must be a finite number >= 0 (1 turns guidance off), got {guidance_scale!r}"
-        )
-    _whole("n_samples", n_samples, 1)
-    _whole("n_iter", n_iter, 1)
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"unknown output_type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)} (or None)")
-    return get_sampler(sampler)
-
-
 def check_noise_level(noise_level: int, schedule: LowResSchedule, classes: int) -> None:
     top = min(schedule.max_noise_level, schedule.alphas_cumprod.numel() - 1, classes - 1)
     if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
@@ -261,54 +226,6 @@ def prepare_low_res(image: LowResImage) -> torch.Tensor:
 
 
 # --- sampling ----------------------------------------------------------------------------------
-
-
-@dataclass
-class _Run:
-    """One configured sampling run over crops of the noised low-res image."""
-
-    model: StableDiffusion
-    info: SamplerInfo
-    sigmas: torch.Tensor
-    cond: torch.Tensor
-    uncond: torch.Tensor | None
-    noise_level: int
-    guidance_scale: float
-    generator: torch.Generator
-    options: dict[str, Any]
-    precision: str | None
-    callback: Callback | None
-    bar: tqdm
-
-    def __call__(self, x: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        dtype = dtype_of(model.unet)
-        device = device_of(model.unet)
-        denoiser = Denoiser(model.unet, NoiseSchedule(model.spec.schedule), model.spec.prediction_type)
-        extra = {
-            "c_concat": low_res.to(device, dtype),
-            "y": torch.tensor([self.noise_level], dtype=torch.long, device=device),
-        }
-        cond = {"context": self.cond.to(dtype), **extra}
-        uncond = None if self.uncond is None else {"context": self.uncond.to(dtype), **extra}
-        guided = CFGDenoiser(denoiser, cond, uncond, float(self.guidance_scale))
-
-        def step(i: int, total: int, latent: torch.Tensor, x0: torch.Tensor) -> None:
-            self.bar.update(1)
-            if self.callback is not None:
-                self.callback(i, total, latent, x0)
-
-        with autocast(device, self.precision):
-            x = self.info.fn(
-                lambda latent, sigma: guided(latent, sigma).float(),
-                x * self.info.initial_sigma(self.sigmas),
-                self.sigmas,
-                generator=self.generator,
-                callback=step,
-                **self.options,
-            )
-        check_latents(x, self.precision)
-        return x
 
 
 def _crop(x: torch.Tensor, tile: Tile) -> torch.Tensor:
@@ -359,7 +276,7 @@ def upscale(
         noise: the starting latents [batch, 4, h, w] at unit variance, for every repeat (instead of
             drawing them); ``image_noise``: the low-res augmentation noise [1, 3, h, w].
     """
-    info = check_upscale_options(
+    info = check_options(
         model,
         steps=steps,
         guidance_scale=guidance_scale,
@@ -368,6 +285,8 @@ def upscale(
         n_iter=n_iter,
         output_type=output_type,
         precision=precision,
+        variants=(VARIANT,),
+        needs="upscale needs an x4 upscaler checkpoint",
     )
     check_weights_precision(model, precision)
     schedule = low_res_schedule(model)
@@ -385,7 +304,7 @@ def upscale(
     for name, given, wanted in (("noise", noise, shape), ("image_noise", image_noise, (1, 3, height, width))):
         if given is not None and tuple(given.shape) != wanted:
             raise ValueError(f"{name} must have shape {list(wanted)}, got {list(given.shape)}")
-    sigmas = info.sigmas(NoiseSchedule(model.spec.schedule), steps, karras=karras)
+    sigmas = sampling_sigmas(model, info, steps, karras)
     pieces = tiles(height, width, tile or max(height, width), overlap)
     run = run_settings(
         model,
@@ -408,19 +327,9 @@ def upscale(
         with autocast(device, precision):
             cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
         bar = progress_bar(n_iter * len(pieces) * (len(sigmas) - 1), progress, "upscale")
-        sample = _Run(
-            model,
-            info,
-            sigmas,
-            cond,
-            uncond,
-            noise_level,
-            guidance_scale,
-            generator,
-            options,
-            precision,
-            callback,
-            bar,
+        label = torch.tensor([noise_level], dtype=torch.long)
+        sample = Sampling(
+            model, info, sigmas, cond, uncond, guidance_scale, generator, options, precision, callback, bar
         )
         latents, images, settings = [], [], []
         for iteration in range(n_iter):
@@ -429,12 +338,13 @@ def upscale(
                 draw_noise(generator, (1, 3, height, width), device) if image_noise is None else image_noise
             )
             noised = schedule.add_noise(low_res.to(device), augment.to(device), noise_level)
-            start = draw_noise(generator, shape, device) if noise is None else noise.to(device, torch.float32)
+            start = unit_noise(generator, shape, device, noise)
             # 2. Sample and decode tile by tile (one tile: the whole image), blending the overlaps.
             latent_blend = Blender(shape, pieces, 1, device)
             pixel_blend = Blender((len(prompts), 3, height * factor, width * factor), pieces, factor, device)
             for piece in pieces:
-                x = sample(_crop(start, piece), _crop(noised, piece))
+                crop = dataclasses.replace(sample, extra_cond={"c_concat": _crop(noised, piece), "y": label})
+                x = crop(_crop(start, piece) * info.initial_sigma(sigmas))
                 latent_blend.add(piece, x)
                 if output_type != "latent":
                     pixel_blend.add(piece, decode(model, x, precision))

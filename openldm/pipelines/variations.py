@@ -10,11 +10,9 @@ reference's unCLIP script and diffusers both use zeros).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -23,30 +21,25 @@ from openldm.images import load_image
 from openldm.pipelines.common import (
     Callback,
     Generation,
+    Sampling,
     autocast,
     batch_prompts,
-    check_latents,
     check_options,
     check_size,
     check_weights_precision,
     conditioning,
-    decode,
     device_of,
     draw_noise,
-    dtype_of,
-    finish,
-    image_settings,
     make_generator,
     progress_bar,
+    run_repeats,
     run_settings,
     sampler_options,
     sampling_sigmas,
     size_multiple,
+    unit_noise,
 )
 from openldm.pipelines.image_embedding import ImageEmbedder, image_embedder
-from openldm.sampling.denoiser import CFGDenoiser, Denoiser
-from openldm.sampling.samplers import SamplerInfo
-from openldm.sampling.schedule import NoiseSchedule
 
 if TYPE_CHECKING:
     from openldm.checkpoints.load import StableDiffusion
@@ -97,7 +90,18 @@ def variations(
     The other options are :func:`openldm.pipelines.txt2img.txt2img`'s; the defaults (20 steps, guidance
     10, DDIM) are diffusers'.
     """
-    info = _check_options(model, steps, guidance_scale, sampler, n_samples, n_iter, output_type, precision)
+    info = check_options(
+        model,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        n_samples=n_samples,
+        n_iter=n_iter,
+        output_type=output_type,
+        precision=precision,
+        variants=("unclip",),
+        needs="image variations need an unCLIP model",
+    )
     check_weights_precision(model, precision)
     embedder = embedder if embedder is not None else image_embedder(model, embedding_stats)
     embedder.check_level(noise_level)
@@ -140,62 +144,43 @@ def variations(
         if embedding_noise is None:
             embedding_noise = draw_noise(generator, (1, embedder.dim), device)
         y = embedder.condition(embeds.to(device), noise_level, embedding_noise).expand(len(prompts), -1)
-        guided = _guided(model, cond, uncond, y, guidance_scale)
         bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "variations")
+        # The unconditional branch sees y = 0, as the reference's unCLIP script and diffusers.
+        sample = Sampling(
+            model,
+            info,
+            sigmas,
+            cond,
+            uncond,
+            guidance_scale,
+            generator,
+            options,
+            precision,
+            callback,
+            bar,
+            extra_cond={"y": y},
+            extra_uncond={"y": torch.zeros_like(y)},
+        )
         if noise is None and fixed_code:
             noise = draw_noise(generator, shape, device)
-        latents, images, settings = [], [], []
-        for iteration in range(n_iter):
-            # 2. The starting noise, scaled to the sampler's first sigma; 3. sample.
-            start = draw_noise(generator, shape, device) if noise is None else noise.to(device, torch.float32)
-            x = _sample(
-                model,
-                info,
-                guided,
-                start * info.initial_sigma(sigmas),
-                sigmas,
-                generator,
-                options,
-                precision,
-                callback,
-                bar,
-            )
-            # 4. Decode.
-            if output_type != "latent":
-                images.append(decode(model, x, precision))
-            latents.append(x)
-            settings += image_settings(run, len(prompts), n_iter, iteration)
+
+        def sample_one(iteration: int) -> torch.Tensor:
+            # 2. The starting noise, scaled to the sampler's first sigma; 3. sample (4. decode).
+            return sample(unit_noise(generator, shape, device, noise) * info.initial_sigma(sigmas))
+
+        result = run_repeats(
+            model,
+            n_iter,
+            sample_one,
+            prompts=prompts,
+            negatives=negatives,
+            run=run,
+            seed=seed,
+            output_type=output_type,
+            precision=precision,
+        )
         bar.close()
-    decoded = torch.cat(images) if images else None
-    return finish(
-        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
-    )
-
-
-def _check_options(
-    model: StableDiffusion,
-    steps: int,
-    guidance_scale: float,
-    sampler: str,
-    n_samples: int,
-    n_iter: int,
-    output_type: str,
-    precision: str | None,
-) -> SamplerInfo:
-    if model.spec.variant != "unclip":
-        raise ValueError(f"this is a {model.spec.variant} model; image variations need an unCLIP model")
-    # common.check_options admits text-to-image variants only: show it the spec as an SD 2 one.
-    as_sd2 = SimpleNamespace(spec=dataclasses.replace(model.spec, variant="sd2"))
-    return check_options(
-        as_sd2,  # type: ignore[arg-type]
-        steps=steps,
-        guidance_scale=guidance_scale,
-        sampler=sampler,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        output_type=output_type,
-        precision=precision,
-    )
+    return result
 
 
 def _image(image: ImageInput | None) -> Image.Image:
@@ -206,45 +191,3 @@ def _image(image: ImageInput | None) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image or a path, got {type(image).__name__}")
     return image
-
-
-def _guided(
-    model: StableDiffusion,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
-    y: torch.Tensor,
-    guidance_scale: float,
-) -> CFGDenoiser:
-    dtype = dtype_of(model.unet)
-    denoiser = Denoiser(model.unet, NoiseSchedule(model.spec.schedule), model.spec.prediction_type)
-    both: dict[str, Any] = {"context": cond.to(dtype), "y": y.to(dtype)}
-    none = None if uncond is None else {"context": uncond.to(dtype), "y": torch.zeros_like(y).to(dtype)}
-    return CFGDenoiser(denoiser, both, none, float(guidance_scale))
-
-
-def _sample(
-    model: StableDiffusion,
-    info: SamplerInfo,
-    guided: CFGDenoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    generator: torch.Generator,
-    options: dict[str, Any],
-    precision: str | None,
-    callback: Callback | None,
-    bar: Any,
-) -> torch.Tensor:
-    """``common.Sampling`` with dict conditioning (context and y)."""
-
-    def x0_float(latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return guided(latent, sigma).float()
-
-    def step(i: int, total: int, latent: torch.Tensor, x0: torch.Tensor) -> None:
-        bar.update(1)
-        if callback is not None:
-            callback(i, total, latent, x0)
-
-    with autocast(device_of(model.unet), precision):
-        x = info.fn(x0_float, x, sigmas, generator=generator, callback=step, **options)
-    check_latents(x, precision)
-    return x
