@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from openldm.checkpoints.errors import CheckpointError
+from openldm.train.cli import add_train_parser
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -407,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_generation_flags(sub, command)
     for name in FAMILY_COMMANDS:
         importlib.import_module(f"openldm.commands.{name}").add_parser(commands)
+    add_train_parser(commands)
     return parser
 
 

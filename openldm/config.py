@@ -178,6 +178,21 @@ X4_UNET = UNetConfig(
 SD_VAE = VAEConfig()
 X4_VAE = VAEConfig(ch_mult=(1, 2, 4), scale_factor=0.08333)
 
+# The embedded default model, trained by ``openldm train`` (openldm/train/embedded.py) on the shapes
+# dataset: an SD 1 architecture at a size whose fp16 weights fit in 25 MB. Head counts follow the rules
+# the loader infers from weights (8 UNet heads, 64-wide text heads); the scale factor is the one the
+# training measured (1 / std of the latents).
+EMBEDDED_TEXT = TextConfig(width=64, layers=4, heads=1, mlp_width=256)
+EMBEDDED_UNET = UNetConfig(
+    model_channels=64,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attention_resolutions=(1, 2, 4),
+    num_heads=8,
+    context_dim=64,
+)
+EMBEDDED_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, scale_factor=1.0)
+
 PRESETS: dict[str, ModelSpec] = {
     "sd15": ModelSpec("sd15", "sd1", SD1_UNET, SD_VAE, CLIP_L),
     "sd2-base": ModelSpec("sd2-base", "sd2", SD2_UNET, SD_VAE, OPENCLIP_H),
@@ -218,6 +233,7 @@ PRESETS: dict[str, ModelSpec] = {
         prediction_type="v",
         image_size=768,
     ),
+    "embedded": ModelSpec("embedded", "sd1", EMBEDDED_UNET, EMBEDDED_VAE, EMBEDDED_TEXT, image_size=64),
 }
 
 

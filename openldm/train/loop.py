@@ -1,0 +1,211 @@
+"""A generic training loop: AdamW, linear warm-up, gradient clipping, EMA, checkpoints and resume.
+
+The loop knows nothing about what it trains: it gets a module (the trainable networks, e.g. an
+``nn.ModuleDict``) and ``loss_fn(step) -> (loss, parts)``, which must draw everything random from
+generators fixed by the step (see :func:`openldm.train.data.step_generator`). Then a run resumed from
+a checkpoint continues exactly as the uninterrupted run would have.
+
+Files in ``out_dir``: ``checkpoint.pt`` (weights, EMA, optimiser, step, RNG state, config; written
+atomically every ``checkpoint_every`` steps, at the end and when the time limit stops the run) and
+``log.jsonl`` (one line per ``log_every`` steps: step, mean loss since the last line, its parts, learning
+rate, gradient norm, seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from openldm.train.ema import EMA
+
+LossFn = Callable[[int], tuple[Tensor, dict[str, float]]]
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup_steps: int = 100
+    # "cosine" decays to ``min_lr_fraction * lr`` at ``steps``; "constant" keeps ``lr`` after warm-up.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    log_every: int = 10
+    # Stop (with a checkpoint) once this invocation has run this long; None: no limit.
+    minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"need lr > 0 and warmup_steps >= 0, got {self.lr} and {self.warmup_steps}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use 'constant' or 'cosine'")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step ``step`` (0-based): linear warm-up, then constant or cosine."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        low = self.min_lr_fraction
+        return self.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class LoopResult:
+    step: int  # steps done so far (over all runs of this stage)
+    finished: bool  # step == config.steps
+    seconds: float  # wall time of this invocation
+    loss: float  # mean loss of the last logged interval (nan if none)
+
+
+def train_loop(
+    model: nn.Module,
+    loss_fn: LossFn,
+    config: LoopConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    ema: EMA | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> LoopResult:
+    """Train ``model``'s parameters that require grad for ``config.steps`` steps (or until the time limit).
+
+    ``ema`` (made here with ``config.ema_decay`` when None) tracks ``model``. With ``resume`` the run
+    continues from ``out_dir/checkpoint.pt`` when it exists; without it an existing checkpoint is an
+    error, so a finished run is never overwritten by accident.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    ema = ema if ema is not None else EMA(model, config.ema_decay)
+    step = _start(out, model, optimizer, ema, resume)
+    _truncate_log(out / LOG, step)
+    start_time = time.perf_counter()
+    deadline = None if config.minutes is None else start_time + 60.0 * config.minutes
+    bar = tqdm(total=config.steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+    window: list[float] = []
+    parts_sum: dict[str, float] = {}
+    last_loss = float("nan")
+    model.train()
+    while step < config.steps:
+        lr = config.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, parts = loss_fn(step)
+        if not torch.isfinite(loss):
+            _save(out, model, optimizer, ema, step, config)
+            raise FloatingPointError(
+                f"{desc}: the loss is {loss.item()} at step {step}; lower the learning rate "
+                f"(the last good state is in {out / CHECKPOINT})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        optimizer.step()
+        ema.update(model)
+        step += 1
+        window.append(loss.item())
+        for key, value in parts.items():
+            parts_sum[key] = parts_sum.get(key, 0.0) + value
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            last_loss = sum(window) / len(window)
+            entry = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm}
+            entry.update({k: v / len(window) for k, v in parts_sum.items()})
+            entry["seconds"] = round(time.perf_counter() - start_time, 2)
+            with open(out / LOG, "a", encoding="utf-8") as log:
+                log.write(json.dumps(entry) + "\n")
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            window, parts_sum = [], {}
+        timed_out = deadline is not None and time.perf_counter() > deadline
+        if step % config.checkpoint_every == 0 or step == config.steps or timed_out:
+            _save(out, model, optimizer, ema, step, config)
+        if timed_out:
+            break
+    bar.close()
+    model.eval()
+    return LoopResult(step, step >= config.steps, time.perf_counter() - start_time, last_loss)
+
+
+def load_ema_weights(out_dir: str | Path, model: nn.Module) -> int:
+    """Write the EMA weights of ``out_dir``'s checkpoint into ``model``; return the checkpoint's step."""
+    state = _read(Path(out_dir) / CHECKPOINT)
+    ema = EMA(model)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(model)
+    return int(state["step"])
+
+
+def checkpoint_step(out_dir: str | Path) -> int | None:
+    """The step of ``out_dir``'s checkpoint, None when there is none."""
+    path = Path(out_dir) / CHECKPOINT
+    return int(_read(path)["step"]) if path.is_file() else None
+
+
+def _start(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, resume: bool) -> int:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return 0
+    if not resume:
+        raise FileExistsError(f"{path} exists; pass --resume to continue that run, or choose another --out")
+    state = _read(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _save(
+    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, step: int, config: LoopConfig
+) -> None:
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict(),
+        "rng": torch.get_rng_state(),
+        "config": dataclasses.asdict(config),
+    }
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out / CHECKPOINT)
+
+
+def _read(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}; train that stage first") from None
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (left by a run that went on after its last checkpoint)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
