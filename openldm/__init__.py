@@ -5,6 +5,7 @@ Importing the package is cheap: heavy modules load when first used.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from openldm.config import PRESETS, ModelSpec, preset
@@ -16,11 +17,17 @@ __all__ = ["PRESETS", "ModelSpec", "StableDiffusion", "describe", "load", "prese
 __version__ = "0.1.0"
 
 
-def load(path_or_id: str, **options: Any) -> StableDiffusion:
+def load(path_or_id: str | os.PathLike[str] | None = None, **options: Any) -> StableDiffusion:
     """Load a checkpoint: a single ``.safetensors``/``.ckpt`` file, a diffusers folder or a hub id.
 
-    See :func:`openldm.checkpoints.load.load` for the options.
+    With no argument, the embedded default model shipped with the package: a small SD 1 model trained
+    on procedural shapes that draws small images (``openldm.load().txt2img("a red circle on a blue
+    background")``); see :mod:`openldm.embedded`. See :func:`openldm.checkpoints.load.load` for the options.
     """
+    if path_or_id is None:
+        from openldm.embedded import load_embedded
+
+        return load_embedded(**options)
     from openldm.checkpoints.load import load as _load
 
     return _load(path_or_id, **options)

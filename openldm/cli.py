@@ -4,6 +4,7 @@
 ``scripts/img2img.py`` of the Stable Diffusion repositories) with their defaults, and write what they
 write: ``OUTDIR/samples/00000.png``, ... (numbered on from the files already there) and a grid
 ``OUTDIR/grid-0000.png``; each PNG carries its generation parameters as the popular web UI writes them.
+Without ``--ckpt`` they run the embedded default model (:mod:`openldm.embedded`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from openldm.pipelines.common import Generation
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+# The commands that run the embedded default model when no --ckpt is given (it is a plain text-to-image
+# model: inpaint, depth2img, upscale and variations need checkpoints of their own variants).
+EMBEDDED_COMMANDS = ("txt2img", "img2img")
 # Guidance scale defaults of the reference scripts: SD 1's, and SD 2's (for SD 2 models).
 DEFAULT_SCALES = {"txt2img": (7.5, 9.0), "img2img": (5.0, 9.0)}
 _SAMPLE_NAME = re.compile(r"(\d{5})\.png")
@@ -97,11 +101,14 @@ def _check_input(args: argparse.Namespace) -> None:
         raise UsageError(f"--strength must be between 0 and 1, got {args.strength}")
     if args.from_file is not None and not Path(args.from_file).is_file():
         raise UsageError(f"--from-file {args.from_file!r} does not exist")
-    if args.ckpt is None:
+    if args.ckpt is None and args.command not in EMBEDDED_COMMANDS:
         raise UsageError(
-            "no --ckpt given, and the embedded default model does not exist yet: "
-            "pass --ckpt path/to/model.safetensors (or a diffusers folder)"
+            f"{args.command} needs --ckpt: the embedded default model is a plain text-to-image model "
+            f"(it runs {' and '.join(EMBEDDED_COMMANDS)} only); pass --ckpt path/to/model.safetensors "
+            "(or a diffusers folder)"
         )
+    if args.ckpt is None and args.config is not None:
+        raise UsageError("--config describes the checkpoint of --ckpt; pass --ckpt too (or no --config)")
 
 
 def _device(name: str | None) -> str:
@@ -170,17 +177,18 @@ def _save_outputs(args: argparse.Namespace, images: list[Image.Image]) -> None:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
-    """(model, precision) as --ckpt, --config, --device and --precision ask."""
+    """(model, precision) as --ckpt (default: the embedded model), --config, --device and --precision ask."""
     import torch
 
     from openldm.checkpoints.load import load
+    from openldm.embedded import load_embedded
 
     device = _device(args.device)
     precision = _precision(args.precision, device)
-    model = load(
-        args.ckpt, config=args.config, device=device, dtype=torch.float32 if precision == "fp32" else None
-    )
-    return model, precision
+    dtype = torch.float32 if precision == "fp32" else None
+    if args.ckpt is None:
+        return load_embedded(device=device, dtype=dtype), precision
+    return load(args.ckpt, config=args.config, device=device, dtype=dtype), precision
 
 
 def _generation_options(args: argparse.Namespace, sampler: str, precision: str) -> dict[str, Any]:
@@ -212,9 +220,20 @@ def _generate_batches(
     return images
 
 
+def _default_prompt(args: argparse.Namespace) -> str:
+    """--prompt, else a prompt the model can draw: the reference's for a checkpoint, a shapes prompt for
+    the embedded model."""
+    from openldm.embedded import EMBEDDED_PROMPT
+
+    if args.prompt is not None:
+        return args.prompt
+    return DEFAULT_PROMPT if args.ckpt is not None else EMBEDDED_PROMPT
+
+
 def _generate(args: argparse.Namespace) -> int:
     from openldm.images import load_image
 
+    args.prompt = _default_prompt(args)
     sampler = _sampler_name(args)
     _check_input(args)
     batches = _prompt_batches(args)
@@ -242,16 +261,22 @@ def _generate(args: argparse.Namespace) -> int:
 
 _EXAMPLES = {
     "txt2img": """examples:
+  openldm txt2img --prompt "two green squares and a yellow triangle on a black background"
   openldm txt2img --ckpt v1-5-pruned-emaonly.safetensors --prompt "an astronaut riding a horse"
   openldm txt2img --ckpt v2-1_768-ema-pruned.safetensors --config v2-inference-v.yaml \\
       --prompt "a lighthouse at dawn" --negative-prompt "blurry" --H 768 --W 768 --n_samples 1 --n_iter 1
   openldm txt2img --ckpt model.safetensors --from-file prompts.txt --sampler dpmpp_2m --karras --ddim_steps 25
   openldm txt2img --ckpt model.safetensors --prompt "a (red:1.3) fox in [fog]" --seed 7 --skip_grid
 
+Without --ckpt the embedded default model runs: a small model trained on simple coloured shapes
+(circles, squares, triangles, diamonds; red, green, blue, yellow, pink...) that draws {size} images
+in seconds on a CPU.
+
 Every PNG carries its parameters (prompt, negative prompt, steps, sampler, CFG scale, seed, size, model)
 in a "parameters" text chunk, as the popular web UI writes it. The same seed gives the same image on
 every device: the noise is drawn on the CPU.""",
     "img2img": """examples:
+  openldm img2img --init-img shapes.png --prompt "a blue square on a white background" --strength 0.6
   openldm img2img --ckpt v1-5-pruned-emaonly.safetensors --init-img sketch.png \\
       --prompt "a fantasy landscape, trending on artstation" --strength 0.75
   openldm img2img --ckpt model.safetensors --init-img photo.jpg --prompt "an oil painting" \\
@@ -269,9 +294,12 @@ def _add_generation_flags(
     *,
     defaults: dict[str, Any] | None = None,
     helps: dict[str, str] | None = None,
+    embedded: bool = False,
 ) -> None:
     """txt2img's or img2img's flags (``command``); ``defaults`` / ``helps`` (by dest: ``strength``,
-    ``outdir``, ``scale``, ``n_samples``...) replace a flag's default and help text for another command."""
+    ``outdir``, ``scale``, ``n_samples``...) replace a flag's default and help text for another command.
+    ``embedded``: the command runs the embedded model without --ckpt (see :data:`EMBEDDED_COMMANDS`)."""
+    from openldm.embedded import EMBEDDED_PROMPT
     from openldm.sampling.samplers import SAMPLERS
 
     img = command == "img2img"
@@ -287,7 +315,15 @@ def _add_generation_flags(
         options["help"] = helps.get(dest, options.get("help"))
         parser.add_argument(*flags, **options)
 
-    add("--prompt", default=DEFAULT_PROMPT, help="the prompt to render (default: %(default)r)")
+    if embedded:
+        add(
+            "--prompt",
+            default=None,
+            help=f"the prompt to render (default: {EMBEDDED_PROMPT!r} for the embedded model, "
+            f"{DEFAULT_PROMPT!r} for a --ckpt)",
+        )
+    else:
+        add("--prompt", default=DEFAULT_PROMPT, help="the prompt to render (default: %(default)r)")
     add("--negative-prompt", default="", help="what to guide away from (default: none)")
     if img:
         add("--init-img", required=True, help="path to the input image")
@@ -354,7 +390,14 @@ def _add_generation_flags(
         f"(default: {low}, {high} for SD 2 models, as the reference scripts)",
     )
     add("--from-file", help="read prompts from this file, one per line")
-    add("--ckpt", help="the model: a .safetensors/.ckpt file or a diffusers folder")
+    if embedded:
+        add(
+            "--ckpt",
+            help="the model: a .safetensors/.ckpt file or a diffusers folder "
+            f"(default: the embedded model, {_embedded_size()} images of coloured shapes)",
+        )
+    else:
+        add("--ckpt", help="the model, required: a .safetensors/.ckpt file or a diffusers folder")
     add("--config", help="the reference's yaml config of the checkpoint (gives the prediction type)")
     add("--seed", type=int, default=42, help="the seed (for reproducible sampling; default: %(default)s)")
     add(
@@ -370,8 +413,16 @@ def _add_generation_flags(
     parser.set_defaults(run=_generate)
 
 
+def _embedded_size() -> str:
+    from openldm.config import preset
+    from openldm.embedded import EMBEDDED_PRESET
+
+    size = preset(EMBEDDED_PRESET).image_size
+    return f"{size}x{size}"
+
+
 # The rest of the family's commands: openldm/commands/<name>.py, each with add_parser and run.
-FAMILY_COMMANDS: tuple[str, ...] = ("inpaint", "depth2img", "upscale", "variations")
+FAMILY_COMMANDS: tuple[str, ...] = ("inpaint", "depth2img", "upscale", "variations", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,10 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
             command,
             help=description.split(" (")[0].lower(),
             description=description,
-            epilog=_EXAMPLES[command],
+            epilog=_EXAMPLES[command].replace("{size}", _embedded_size()),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _add_generation_flags(sub, command)
+        _add_generation_flags(sub, command, embedded=command in EMBEDDED_COMMANDS)
     for name in FAMILY_COMMANDS:
         importlib.import_module(f"openldm.commands.{name}").add_parser(commands)
     add_train_parser(commands)

@@ -185,13 +185,13 @@ X4_VAE = VAEConfig(ch_mult=(1, 2, 4), scale_factor=0.08333)
 EMBEDDED_TEXT = TextConfig(width=64, layers=4, heads=1, mlp_width=256)
 EMBEDDED_UNET = UNetConfig(
     model_channels=64,
-    channel_mult=(1, 2, 2),
+    channel_mult=(1, 1, 2),
     num_res_blocks=1,
     attention_resolutions=(1, 2, 4),
     num_heads=8,
     context_dim=64,
 )
-EMBEDDED_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, scale_factor=1.0)
+EMBEDDED_VAE = VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=1.0)
 
 PRESETS: dict[str, ModelSpec] = {
     "sd15": ModelSpec("sd15", "sd1", SD1_UNET, SD_VAE, CLIP_L),
@@ -234,6 +234,23 @@ PRESETS: dict[str, ModelSpec] = {
         image_size=768,
     ),
     "embedded": ModelSpec("embedded", "sd1", EMBEDDED_UNET, EMBEDDED_VAE, EMBEDDED_TEXT, image_size=64),
+    # The embedded model's variants (openldm/train/variants.py): its VAE and text encoder, a wider UNet input.
+    "embedded-inpaint": ModelSpec(
+        "embedded-inpaint",
+        "inpaint",
+        dataclasses.replace(EMBEDDED_UNET, in_channels=9),
+        EMBEDDED_VAE,
+        EMBEDDED_TEXT,
+        image_size=64,
+    ),
+    "embedded-depth": ModelSpec(
+        "embedded-depth",
+        "depth",
+        dataclasses.replace(EMBEDDED_UNET, in_channels=5),
+        EMBEDDED_VAE,
+        EMBEDDED_TEXT,
+        image_size=64,
+    ),
 }
 
 

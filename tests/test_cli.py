@@ -173,9 +173,10 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, init_img, tmp_path, capsys, argv
 
 
 def test_missing_checkpoint_says_what_to_do(tmp_path, capsys) -> None:
-    code, err = run(capsys, "txt2img", "--outdir", tmp_path)
+    # Without --ckpt txt2img runs the embedded model (tests/test_embedded.py); a --config needs a --ckpt.
+    code, err = run(capsys, "txt2img", "--config", tmp_path / "v1-inference.yaml", "--outdir", tmp_path)
     assert code == 2 and err.count("\n") == 1
-    assert "embedded default model does not exist yet" in err and "--ckpt" in err
+    assert "--config describes the checkpoint of --ckpt" in err
     code, err = run(capsys, "txt2img", "--ckpt", tmp_path / "nope.safetensors", "--outdir", tmp_path)
     assert code == 2 and err.count("\n") == 1 and err.startswith("openldm: error: ")
 

@@ -137,3 +137,16 @@ def test_score_penalises_wrong_attributes():
     assert score(scene, [])["colour"] == 0.0
     table = format_table({"seen": evaluate([render(scene, 64).image], [scene])})
     assert "| seen | 1 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 |" in table
+
+
+def test_detect_objects_skips_a_region_its_own_colour_does_not_explain():
+    """A blurry decoder output (green smudges on cyan, from an undertrained autoencoder) holds a region
+    whose colour explains none of its pixels over the background: it is no object, and no crash."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    image = Image.open(Path(__file__).parent / "data" / "evaluator_empty_region.png")
+    detections = detect_objects(image)
+    assert all(d.area > 0 for d in detections)
+    assert all(np.isfinite(d.centroid).all() for d in detections)

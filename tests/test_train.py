@@ -224,3 +224,50 @@ def test_cli_parser():
     args = parser.parse_args(["train", "--out", "x", "--stage", "vae", "--steps", "5", "--resume"])
     assert (args.out, args.stage, args.steps, args.resume, args.export) == ("x", "vae", 5, True, None)
     assert parser.parse_args(["train", "--out", "y"]).stage == "all"
+
+
+def test_foreground_weights_mark_what_differs_from_the_median_colour():
+    from openldm.train.losses import foreground_weights
+
+    images = torch.full((2, 3, 8, 8), -1.0)
+    images[0, 0, 2:4, 2:5] = 1.0  # a red 2x3 patch on black
+    images[1] = 0.5  # a flat image: no foreground
+    weights = foreground_weights(images, 4.0)
+    assert weights.shape == (2, 1, 8, 8)
+    assert float(weights[0].sum()) == 64 + 4.0 * 6 and float(weights[0, 0, 2:4, 2:5].min()) == 5.0
+    assert torch.equal(weights[1], torch.ones(1, 8, 8))
+
+
+def test_foreground_weight_raises_the_loss_of_an_object_error_only():
+    from openldm.nn.vae import DiagonalGaussian
+    from openldm.train.losses import autoencoder_loss
+
+    images = torch.full((1, 3, 8, 8), -1.0)
+    images[0, 1, 3:5, 3:5] = 1.0
+    posterior = DiagonalGaussian(torch.zeros(1, 8, 1, 1))
+    dropped = images.clone()
+    dropped[0, 1, 3:5, 3:5] = -1.0  # the object missing: a foreground error
+    plain, _ = autoencoder_loss(images, dropped, posterior, 0.0)
+    weighted, _ = autoencoder_loss(images, dropped, posterior, 0.0, foreground_weight=9.0)
+    assert torch.isclose(weighted, 10 * plain)
+    background_error = images.clone()
+    background_error[0, 2, 0, 0] = -0.5
+    plain, _ = autoencoder_loss(images, background_error, posterior, 0.0)
+    weighted, _ = autoencoder_loss(images, background_error, posterior, 0.0, foreground_weight=9.0)
+    assert torch.isclose(weighted, plain)
+
+
+def test_crop_steps_switch_to_whole_images(tmp_path, monkeypatch):
+    import openldm.train.autoencoder as autoencoder
+
+    sizes = []
+    decode = autoencoder.AutoencoderKL.decode
+
+    def recording_decode(self, z):
+        sizes.append(z.shape[-1] * 8)
+        return decode(self, z)
+
+    monkeypatch.setattr(autoencoder.AutoencoderKL, "decode", recording_decode)
+    recipe = dataclasses.replace(_vae_recipe(4), crop_size=16, crop_steps=2)
+    train_autoencoder(recipe, tmp_path, progress=False)
+    assert sizes[:4] == [16, 16, recipe.image_size, recipe.image_size]

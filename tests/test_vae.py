@@ -233,3 +233,11 @@ def test_bad_input_raises_clear_errors(pair) -> None:
         ours.decode(torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match="4-d"):
         ours.decode(torch.zeros(4, 4, 4))
+
+
+def test_diffusers_config_refuses_a_first_level_wider_than_conv_in():
+    from openldm.checkpoints.formats.vae import vae_config_to_diffusers
+
+    assert vae_config_to_diffusers(VAEConfig(ch=64, ch_mult=(1, 1)))["block_out_channels"] == [64, 64]
+    with pytest.raises(ValueError, match="ch_mult must start with 1"):
+        vae_config_to_diffusers(VAEConfig(ch=32, ch_mult=(2, 2)))

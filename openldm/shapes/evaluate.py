@@ -243,6 +243,8 @@ def detect_objects(image: Image.Image | np.ndarray) -> list[Detection]:
     detections = []
     for region, colour in regions:
         soft, top, left = _soft_region(pixels, region, taken & ~region, colour, background_rgb)
+        if not soft.any():  # no pixel of the region reads as its own colour over the background
+            continue
         detections.append(_describe(soft, colour, top, left, region.shape))
     return sorted(detections, key=lambda d: -d.area)
 

@@ -39,11 +39,13 @@ class AutoencoderRecipe:
     vae: VAEConfig
     loop: LoopConfig
     image_size: int = 64
-    crop_size: int | None = None  # train on random crops of this size (None: whole images)
+    crop_size: int | None = None  # train on random crops of this size (None: whole images)...
+    crop_steps: int | None = None  # ...for this many first steps (None: all), then on whole images
     batch_size: int = 16
     kl_weight: float = 1e-4
     l2_weight: float = 0.0
     edge_weight: float = 0.5
+    foreground_weight: float = 0.0  # extra weight of non-background pixels (losses.foreground_weights)
     dataset_seed: int = 0
     dataset_length: int = DATASET_LENGTH  # distinct images (the batches wrap around after them)
     seed: int = 0
@@ -80,14 +82,20 @@ def train_autoencoder(
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images = image_batch(dataset, step, recipe.batch_size)
-        if recipe.crop_size is not None:
+        if recipe.crop_size is not None and (recipe.crop_steps is None or step < recipe.crop_steps):
             images = random_crops(images, recipe.crop_size, step_generator(recipe.seed, STREAM_CROP, step))
         images = images.to(device).contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(images)
         z = posterior.sample(step_generator(recipe.seed, STREAM_POSTERIOR, step))
         reconstruction = vae.decode(z)
         return autoencoder_loss(
-            images, reconstruction, posterior, recipe.kl_weight, recipe.l2_weight, recipe.edge_weight
+            images,
+            reconstruction,
+            posterior,
+            recipe.kl_weight,
+            recipe.l2_weight,
+            recipe.edge_weight,
+            recipe.foreground_weight,
         )
 
     ema = EMA(vae, recipe.loop.ema_decay)

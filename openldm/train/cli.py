@@ -11,11 +11,19 @@ import json
 import logging
 from pathlib import Path
 
-STAGES = {"vae": ("vae",), "diffusion": ("diffusion",), "all": ("vae", "diffusion")}
+STAGES = {
+    "vae": ("vae",),
+    "diffusion": ("diffusion",),
+    "all": ("vae", "diffusion"),
+    # The variants, trained from a finished base model (openldm/train/variants.py).
+    "inpaint": ("inpaint",),
+    "depth": ("depth",),
+}
 DESCRIPTION = """\
 Train the embedded default model (preset "embedded") from scratch on the procedural shapes dataset:
-stage 1 the autoencoder (f=8, 4 latent channels, L1 + edge + KL), stage 2 the UNet and the CLIP text
-encoder together (AdamW, warm-up, 10% caption dropout, EMA, gradient clipping). Then the EMA weights
+stage 1 the autoencoder (f=8, 4 latent channels, L1 + L2 + edge + KL, shapes weighted over the
+background), stage 2 the UNet and the CLIP text encoder together (AdamW, warm-up, 10% caption
+dropout, EMA, gradient clipping). Then the EMA weights
 are exported in fp16 as one SD 1 single file, which `openldm txt2img --ckpt FILE` or
 openldm.load(FILE, preset="embedded") reads.
 
@@ -31,6 +39,9 @@ examples:
   openldm train --out /tmp/try --steps 50
   # continue an interrupted run
   openldm train --out runs/embedded --threads 1 --resume --export openldm/data/embedded.safetensors
+  # the inpainting and depth variants (UNet-only files, resumed from the packaged base model)
+  openldm train --out runs/embedded-inpaint --stage inpaint --threads 1
+  openldm train --out runs/embedded-depth --stage depth --threads 1
 """
 
 
@@ -58,7 +69,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument(
         "--export",
         metavar="PATH",
-        help="where to write the single-file model (default: OUT/embedded.safetensors; 'none' to skip)",
+        help="where to write the single-file model (default: OUT/embedded.safetensors, for --stage inpaint "
+        "or depth openldm/data/embedded-STAGE.safetensors; 'none' to skip)",
+    )
+    parser.add_argument(
+        "--base",
+        metavar="PATH",
+        help="--stage inpaint/depth: the base model to start from (default: the packaged embedded model)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps... (default: %(default)s)")
     parser.add_argument(
@@ -89,17 +106,25 @@ def run_train(args: argparse.Namespace) -> int:
     logging.getLogger("openldm").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(message)s")
+    if args.stage in ("inpaint", "depth"):
+        from openldm.train.variants import run_variant_command
+
+        print(json.dumps(run_variant_command(args), indent=2))
+        return 0
     recipe = with_overrides(embedded_recipe(), steps=args.steps, minutes=args.minutes)
     out = Path(args.out)
     export = None if args.export == "none" else Path(args.export or out / "embedded.safetensors")
-    report = train_embedded(
-        recipe,
-        out,
-        stages=STAGES[args.stage],
-        resume=args.resume,
-        export_path=export,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    try:
+        report = train_embedded(
+            recipe,
+            out,
+            stages=STAGES[args.stage],
+            resume=args.resume,
+            export_path=export,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+    except FileExistsError as error:  # a usage error: reported on one line by openldm.cli.main
+        raise ValueError(str(error)) from None
     print(json.dumps(report, indent=2))
     return 0

@@ -204,6 +204,14 @@ def vae_config_to_diffusers(config: VAEConfig) -> dict[str, Any]:
             f"diffusers' AutoencoderKL has one latent width; embed_dim {config.embed_dim} != "
             f"z_channels {config.z_channels} cannot be represented"
         )
+    if config.ch_mult[0] != 1:
+        # The original encoder's conv_in gives ``ch`` channels and its first block widens them;
+        # diffusers' conv_in gives the first level's width directly.
+        raise ValueError(
+            f"diffusers' AutoencoderKL cannot represent ch_mult {config.ch_mult}: its first level must "
+            f"keep conv_in's width, so ch_mult must start with 1 (e.g. ch={config.ch * config.ch_mult[0]} "
+            "and the other multipliers divided by the first)"
+        )
     levels = len(config.ch_mult)
     return {
         "_class_name": "AutoencoderKL",

@@ -1,0 +1,1 @@
+"""Golden images of the embedded model, and the script that makes them (make_golden.py)."""
