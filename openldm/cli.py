@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.run(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
+    # FileExistsError: a training run that would overwrite another without --resume.
+    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"openldm: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:

@@ -168,7 +168,7 @@ def inpaint(
         with autocast(device, precision):
             cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
         # 2. The init image's latent (noised for strength < 1, blended for 4-channel models).
-        latent_mask = F.interpolate(repaint, size=shape[-2:]).to(device)
+        mask_latent = latent_mask(repaint, shape[-2:]).to(device)
         z = None
         if not (concat_channels and from_noise):
             z = encode_images(model, precision, init.tensor, generator)
@@ -178,8 +178,8 @@ def inpaint(
         # 3. The 9-channel models' extra channels: [mask, latent of the masked image].
         extra = None
         if concat_channels:
-            masked = encode_images(model, precision, init.tensor * (repaint < 0.5), generator)
-            extra = {"c_concat": torch.cat([latent_mask, masked], dim=1)}
+            masked = encode_images(model, precision, masked_images(init.tensor, repaint), generator)
+            extra = {"c_concat": torch.cat([mask_latent, masked], dim=1)}
         bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "inpaint")
         sample = Sampling(
             model,
@@ -198,7 +198,7 @@ def inpaint(
 
         def sample_one(iteration: int) -> torch.Tensor:
             unit = first if iteration == 0 or noise is not None else draw_noise(generator, shape, device)
-            blend = None if concat_channels else LatentBlend(_required(z), latent_mask >= 0.5, unit)
+            blend = None if concat_channels else LatentBlend(_required(z), mask_latent >= 0.5, unit)
             # 4. Sample from pure noise (strength 1) or from the noised init latent (5. decode).
             if len(sigmas) == 1:
                 x = _required(z).expand(shape).clone()
@@ -267,6 +267,17 @@ def prepare_image(image: InitImage, width: int | None, height: int | None, multi
     pixels = np.asarray(image).copy()
     unit = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     return WorkingImage(pil_to_tensor(image), pixels, unit, source)
+
+
+def latent_mask(masks: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Pixel masks ``[B, 1, H, W]`` (1 = repaint) at latent ``size`` (nearest): the mask channel of
+    9-channel models, and the blend mask of 4-channel ones."""
+    return F.interpolate(masks.float(), size=tuple(size))
+
+
+def masked_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] with the repainted pixels set to 0: what 9-channel models see encoded."""
+    return images * (masks < 0.5)
 
 
 def prepare_mask(

@@ -114,17 +114,14 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = with_overrides(embedded_recipe(), steps=args.steps, minutes=args.minutes)
     out = Path(args.out)
     export = None if args.export == "none" else Path(args.export or out / "embedded.safetensors")
-    try:
-        report = train_embedded(
-            recipe,
-            out,
-            stages=STAGES[args.stage],
-            resume=args.resume,
-            export_path=export,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    except FileExistsError as error:  # a usage error: reported on one line by openldm.cli.main
-        raise ValueError(str(error)) from None
+    report = train_embedded(
+        recipe,
+        out,
+        stages=STAGES[args.stage],
+        resume=args.resume,
+        export_path=export,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     print(json.dumps(report, indent=2))
     return 0

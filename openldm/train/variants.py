@@ -47,6 +47,7 @@ from openldm.config import ModelSpec, UNetConfig, preset
 from openldm.images import pil_to_tensor
 from openldm.nn.unet import UNetModel
 from openldm.pipelines.depth2img import normalize_depth
+from openldm.pipelines.inpaint import latent_mask, masked_images
 from openldm.sampling.schedule import NoiseSchedule
 from openldm.shapes.dataset import Sample, ShapesDataset
 from openldm.train.autoencoder import channels_last
@@ -198,16 +199,6 @@ def mask_rng(seed: int, index: int, k: int) -> np.random.Generator:
 
 
 # --- the conditioning, as the pipelines build it ------------------------------------------------
-
-
-def latent_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Pixel masks [B, 1, H, W] of 0/1 -> latent size (nearest), the inpaint pipeline's mask channel."""
-    return F.interpolate(masks.float(), size=size)
-
-
-def masked_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] with the repainted pixels set to 0 (grey), what the inpaint pipeline encodes."""
-    return images * (masks < 0.5)
 
 
 def inpaint_concat(
@@ -686,15 +677,12 @@ def run_variant_command(args: argparse.Namespace) -> dict[str, object]:
     recipe = with_loop(variant_recipe(args.stage), steps=args.steps, minutes=args.minutes)
     base = Path(args.base) if args.base else embedded_file()
     export = None if args.export == "none" else Path(args.export or default_export_path(args.stage))
-    try:
-        return run_variant(
-            recipe,
-            base,
-            args.out,
-            resume=args.resume,
-            export_path=export,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    except FileExistsError as error:  # a usage error: reported on one line by openldm.cli.main
-        raise ValueError(str(error)) from None
+    return run_variant(
+        recipe,
+        base,
+        args.out,
+        resume=args.resume,
+        export_path=export,
+        device=args.device,
+        progress=not args.no_progress,
+    )
