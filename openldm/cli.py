@@ -29,9 +29,14 @@ if TYPE_CHECKING:
     from openldm.pipelines.common import Generation
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
-# The commands that run the embedded default model when no --ckpt is given (it is a plain text-to-image
-# model: inpaint, depth2img, upscale and variations need checkpoints of their own variants).
-EMBEDDED_COMMANDS = ("txt2img", "img2img")
+# The commands that run an embedded model when no --ckpt is given, and which one (None: the base
+# text-to-image model; else its variant). upscale and variations need checkpoints of their own.
+EMBEDDED_COMMANDS: dict[str, str | None] = {
+    "txt2img": None,
+    "img2img": None,
+    "inpaint": "inpaint",
+    "depth2img": "depth",
+}
 # Guidance scale defaults of the reference scripts: SD 1's, and SD 2's (for SD 2 models).
 DEFAULT_SCALES = {"txt2img": (7.5, 9.0), "img2img": (5.0, 9.0)}
 _SAMPLE_NAME = re.compile(r"(\d{5})\.png")
@@ -103,10 +108,11 @@ def _check_input(args: argparse.Namespace) -> None:
         raise UsageError(f"--from-file {args.from_file!r} does not exist")
     if args.ckpt is None and args.command not in EMBEDDED_COMMANDS:
         raise UsageError(
-            f"{args.command} needs --ckpt: the embedded default model is a plain text-to-image model "
-            f"(it runs {' and '.join(EMBEDDED_COMMANDS)} only); pass --ckpt path/to/model.safetensors "
-            "(or a diffusers folder)"
+            f"{args.command} needs --ckpt: the embedded models run {', '.join(EMBEDDED_COMMANDS)} only; "
+            "pass --ckpt path/to/model.safetensors (or a diffusers folder)"
         )
+    if args.ckpt is None and getattr(args, "base", None) is not None:
+        raise UsageError("--base goes with a UNet-only variant file given as --ckpt; pass --ckpt too")
     if args.ckpt is None and args.config is not None:
         raise UsageError("--config describes the checkpoint of --ckpt; pass --ckpt too (or no --config)")
 
@@ -187,8 +193,9 @@ def _load_model(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
     precision = _precision(args.precision, device)
     dtype = torch.float32 if precision == "fp32" else None
     if args.ckpt is None:
-        return load_embedded(device=device, dtype=dtype), precision
-    return load(args.ckpt, config=args.config, device=device, dtype=dtype), precision
+        return load_embedded(EMBEDDED_COMMANDS[args.command], device=device, dtype=dtype), precision
+    base = getattr(args, "base", None)
+    return load(args.ckpt, config=args.config, device=device, dtype=dtype, base=base), precision
 
 
 def _generation_options(args: argparse.Namespace, sampler: str, precision: str) -> dict[str, Any]:
@@ -269,7 +276,7 @@ _EXAMPLES = {
   openldm txt2img --ckpt model.safetensors --prompt "a (red:1.3) fox in [fog]" --seed 7 --skip_grid
 
 Without --ckpt the embedded default model runs: a small model trained on simple coloured shapes
-(circles, squares, triangles, diamonds; red, green, blue, yellow, pink...) that draws {size} images
+(circles, squares, triangles, rectangles; red, green, blue, yellow, pink...) that draws {size} images
 in seconds on a CPU.
 
 Every PNG carries its parameters (prompt, negative prompt, steps, sampler, CFG scale, seed, size, model)
@@ -399,6 +406,11 @@ def _add_generation_flags(
     else:
         add("--ckpt", help="the model, required: a .safetensors/.ckpt file or a diffusers folder")
     add("--config", help="the reference's yaml config of the checkpoint (gives the prediction type)")
+    add(
+        "--base",
+        help="for a UNet-only variant file as --ckpt (openldm train --stage inpaint|depth): the complete "
+        "checkpoint it was trained from, whose VAE and text encoder it uses",
+    )
     add("--seed", type=int, default=42, help="the seed (for reproducible sampling; default: %(default)s)")
     add(
         "--precision",

@@ -18,27 +18,47 @@ if TYPE_CHECKING:
 
 EMBEDDED_FILE = Path(__file__).parent / "data" / "embedded.safetensors"
 EMBEDDED_PRESET = "embedded"
+# The UNet-only variants trained from the base (openldm train --stage inpaint|depth): kind -> preset.
+VARIANT_PRESETS = {"inpaint": "embedded-inpaint", "depth": "embedded-depth"}
 # The prompt `openldm txt2img` draws when neither --ckpt nor --prompt is given: one the model knows.
 EMBEDDED_PROMPT = "a red circle on a blue background"
 
 
-def embedded_file() -> Path:
-    """The packaged weights; :class:`MissingWeightsError` when the installation lacks them."""
-    if not EMBEDDED_FILE.is_file():
+def variant_file(kind: str) -> Path:
+    """Where the packaged ``kind`` variant ("inpaint" or "depth") lives."""
+    if kind not in VARIANT_PRESETS:
+        raise ValueError(f"unknown embedded variant {kind!r}; expected one of {tuple(VARIANT_PRESETS)}")
+    return EMBEDDED_FILE.with_name(f"embedded-{kind}.safetensors")
+
+
+def embedded_file(kind: str | None = None) -> Path:
+    """The packaged weights of the base model (``kind`` None) or of a variant;
+    :class:`MissingWeightsError` when the installation lacks them."""
+    path = EMBEDDED_FILE if kind is None else variant_file(kind)
+    if not path.is_file():
+        what = "default model" if kind is None else f"{kind} variant"
+        rebuild = (
+            "openldm train --out runs/embedded --export openldm/data/embedded.safetensors"
+            if kind is None
+            else f"openldm train --stage {kind} --out runs/embedded-{kind}"
+        )
         raise MissingWeightsError(
-            EMBEDDED_FILE,
-            "the embedded default model is missing from this installation",
-            "Reinstall openldm (the wheel ships openldm/data/embedded.safetensors), rebuild it with "
-            "`openldm train --out runs/embedded --export openldm/data/embedded.safetensors`, "
+            path,
+            f"the embedded {what} is missing from this installation",
+            f"Reinstall openldm (the wheel ships {path.name}), rebuild it with `{rebuild}`, "
             "or pass a checkpoint of your own (load(path), --ckpt PATH)",
         )
-    return EMBEDDED_FILE
+    return path
 
 
-def load_embedded(**options: Any) -> StableDiffusion:
-    """Load the embedded model; ``options`` are :func:`openldm.checkpoints.load.load`'s (device, dtype...)."""
+def load_embedded(kind: str | None = None, **options: Any) -> StableDiffusion:
+    """Load the embedded model (``kind`` None) or its "inpaint" / "depth" variant (merged with the base);
+    ``options`` are :func:`openldm.checkpoints.load.load`'s (device, dtype...)."""
     from openldm.checkpoints.load import load
 
-    if "preset" in options:
-        raise TypeError("load_embedded() takes no preset: the embedded model is built from its own preset")
-    return load(embedded_file(), preset=EMBEDDED_PRESET, **options)
+    if "preset" in options or "base" in options:
+        raise TypeError("load_embedded() takes no preset or base: the embedded models bring their own")
+    if kind is None:
+        return load(embedded_file(), preset=EMBEDDED_PRESET, **options)
+    variant = embedded_file(kind)
+    return load(variant, preset=VARIANT_PRESETS[kind], base=embedded_file(), **options)

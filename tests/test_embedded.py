@@ -161,17 +161,31 @@ def test_default_prompt_depends_on_the_model() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [
-        ["inpaint", "--init-img", "photo.png", "--mask", "mask.png"],
-        ["depth2img", "--init-img", "photo.png"],
-        ["variations", "--init-img", "photo.png"],
-        ["upscale", "--init-img", "photo.png"],
-    ],
+    [["variations", "--init-img", "photo.png"], ["upscale", "--init-img", "photo.png"]],
 )
 def test_family_commands_need_a_checkpoint(argv, tmp_path, capsys) -> None:
     code, _, err = run(capsys, *argv, "--outdir", tmp_path)
     assert code == 2 and err.count("\n") == 1 and err.startswith("openldm: error: ")
     assert re.search(r"needs (--ckpt|the x4 upscaler)", err), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "kind"),
+    [(["inpaint", "--mask", "{image}"], "inpaint"), (["depth2img", "--depth-map", "{image}"], "depth")],
+)
+def test_inpaint_and_depth2img_default_to_the_embedded_variants(
+    argv, kind, monkeypatch, tmp_path, capsys
+) -> None:
+    image = tmp_path / "image.png"
+    Image.new("RGB", (64, 64), "white").save(image)
+    monkeypatch.setattr(embedded, "EMBEDDED_FILE", tmp_path / "data" / "embedded.safetensors")
+    args = [a.replace("{image}", str(image)) for a in argv]
+    code, _, err = run(capsys, *args, "--init-img", image, "--outdir", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"the embedded {kind} variant is missing" in err and f"--stage {kind}" in err
+    assert not (tmp_path / "out" / "samples").exists()
+    with pytest.raises(ValueError, match="unknown embedded variant"):
+        embedded.variant_file("upscale")
 
 
 def test_help_names_the_default_model(capsys) -> None:

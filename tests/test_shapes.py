@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from openldm.shapes.captions import COLOUR_WORDS, KIND_WORDS, caption, explicit_caption, relation
-from openldm.shapes.dataset import HELD_OUT, ShapesDataset, evaluation_scenes, sample_scene, to_tensor
+from openldm.shapes.dataset import (
+    DENSE_COUNTS,
+    HELD_OUT,
+    ShapesDataset,
+    evaluation_scenes,
+    sample_scene,
+    to_tensor,
+)
 from openldm.shapes.evaluate import degrade, detect_objects, evaluate, format_table, score
 from openldm.shapes.render import PALETTE, Scene, ShapeObject, render
+from openldm.shapes.variant_fidelity import depth_cases, inpaint_cases, score_depth, score_inpaint
 
 SIZE_ORDER = ("small", "medium", "large")
 
@@ -72,6 +82,13 @@ def test_explicit_caption_counts_and_relations():
         Scene("red", (obj("red", "circle", "top"),))
 
 
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """The mask and its 8 neighbours."""
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.stack([padded[i : i + h, j : j + w] for i in range(3) for j in range(3)]).any(0)
+
+
 def test_masks_have_the_object_colour_and_depth_is_ordered():
     data = ShapesDataset(seed=1, size=64)
     for i in range(20):
@@ -88,8 +105,10 @@ def test_masks_have_the_object_colour_and_depth_is_ordered():
             assert (np.abs(inside - colour).sum(-1) <= np.abs(inside - background).sum(-1) + 1).all()
             assert (np.abs(inside - colour).max(-1) == 0).mean() > 0.5
             assert np.allclose(np.median(sample.depth[mask]), obj.depth, atol=1e-6)
-        background_depth = sample.depth[~sample.masks.any(0)]
-        assert background_depth.max() < min(o.depth for o in sample.scene.objects)
+        # Away from the shapes' anti-aliased edges (a pixel outside a mask may be up to half covered),
+        # the floor is farther than every shape.
+        untouched = ~np.stack([_grow(m) for m in sample.masks]).any(0)
+        assert sample.depth[untouched].max() < min(o.depth for o in sample.scene.objects)
         # Larger shapes stand nearer (larger = nearer, MiDaS convention).
         order = sorted(sample.scene.objects, key=lambda o: o.depth)
         sizes = [SIZE_ORDER.index(o.size) for o in order]
@@ -150,3 +169,42 @@ def test_detect_objects_skips_a_region_its_own_colour_does_not_explain():
     detections = detect_objects(image)
     assert all(d.area > 0 for d in detections)
     assert all(np.isfinite(d.centroid).all() for d in detections)
+
+
+def test_dense_scenes_fill_the_grid_and_avoid_held_out_pairs():
+    dataset = ShapesDataset(seed=3, length=400, dense_fraction=0.5)
+    dense = [dataset[i] for i in range(400) if dataset[i].caption == ""]
+    assert 150 <= len(dense) <= 250  # half of them, give or take the draw
+    for sample in dense:
+        assert DENSE_COUNTS[0] <= len(sample.scene.objects) <= DENSE_COUNTS[1]
+        assert not {(o.colour, o.kind) for o in sample.scene.objects} & HELD_OUT
+    plain = ShapesDataset(seed=3, length=400)
+    assert plain[7].caption == ShapesDataset(seed=3, length=400, dense_fraction=0.0)[7].caption
+    with pytest.raises(ValueError, match="dense_fraction"):
+        ShapesDataset(seed=0, dense_fraction=1.5)
+
+
+def test_inpaint_fidelity_of_ground_truth_and_of_doing_nothing():
+    cases = inpaint_cases(seed=0, n=24, size=64)
+    assert all(np.asarray(c.mask).any() for c in cases)
+    perfect = score_inpaint([render(c.scene, 64).image for c in cases], cases)
+    assert perfect["kept_error"] == 0.0
+    assert perfect["repainted"] >= 0.95 and perfect["kept_shapes"] >= 0.95
+    untouched = score_inpaint([c.init for c in cases], cases)  # the init image: nothing repainted
+    assert untouched["kept_error"] == 0.0 and untouched["repainted"] == 0.0
+    assert untouched["kept_shapes"] >= 0.95
+
+
+def test_depth_order_of_ground_truth_and_of_swapped_sizes():
+    cases = depth_cases(seed=0, n=40, size=64)
+    scenes = [s for _, s, _ in cases]
+    perfect = score_depth([render(s, 64).image for s in scenes], scenes)
+    assert perfect["pairs"] >= 10 and perfect["order"] >= 0.95
+    swap = {"small": "large", "large": "small", "medium": "medium"}
+
+    def swapped(scene: Scene) -> Scene:
+        objects = [dataclasses.replace(o, size=swap[o.size], offset=(0.0, 0.0)) for o in scene.objects]
+        return Scene(scene.background, tuple(objects))
+
+    reversed_sizes = score_depth([render(swapped(s), 64).image for s in scenes], scenes)
+    assert reversed_sizes["order"] <= 0.05

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 import openldm
@@ -16,7 +17,7 @@ from openldm.config import ModelSpec, TextConfig, UNetConfig, VAEConfig, preset
 from openldm.nn.vae import AutoencoderKL
 from openldm.sampling.schedule import NoiseSchedule
 from openldm.shapes.dataset import ShapesDataset
-from openldm.train.autoencoder import AutoencoderRecipe, train_autoencoder
+from openldm.train.autoencoder import AutoencoderRecipe, identity_init, train_autoencoder
 from openldm.train.cli import add_train_parser
 from openldm.train.data import (
     CAPTION_DROPOUT,
@@ -202,9 +203,11 @@ def test_export_loads_through_the_loading_path(tmp_path):
         loaded.unet.state_dict()["out.2.weight"], expected["model.diffusion_model.out.2.weight"]
     )
     # The head counts follow the loader's inference rules, so the sizes read from the weights agree.
+    # Without a preset, the file's metadata gives what the weights cannot: scale, size, prediction type.
     inferred = openldm.load(path)
-    assert inferred.spec.unet == UNET and inferred.spec.text == TEXT
-    assert dataclasses.replace(inferred.spec.vae, scale_factor=0.5) == VAE
+    assert inferred.spec.unet == UNET and inferred.spec.text == TEXT and inferred.spec.vae == VAE
+    assert inferred.spec.image_size == 24 and inferred.spec.prediction_type == "v"
+    assert openldm.load(path, prediction_type="eps").spec.prediction_type == "eps"
 
 
 def test_embedded_preset_fits_the_budget():
@@ -271,3 +274,16 @@ def test_crop_steps_switch_to_whole_images(tmp_path, monkeypatch):
     recipe = dataclasses.replace(_vae_recipe(4), crop_size=16, crop_steps=2)
     train_autoencoder(recipe, tmp_path, progress=False)
     assert sizes[:4] == [16, 16, recipe.image_size, recipe.image_size]
+
+
+def test_identity_init_starts_as_a_pixelated_identity():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1))
+    identity_init(vae)
+    x = torch.randn(2, 32, 16, 16)
+    down, up = vae.encoder.down[0].downsample, vae.decoder.up[1].upsample
+    assert torch.allclose(down(x), F.avg_pool2d(x, 2), atol=1e-6)
+    assert torch.allclose(up(x), F.interpolate(x, scale_factor=2.0, mode="nearest"), atol=1e-6)
+    block = vae.encoder.down[0].block[0]
+    assert torch.equal(block(x), x)  # the residual branch starts at zero
+    assert torch.equal(vae.encoder.mid.attn_1(x), x)

@@ -18,8 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import openldm
-from openldm.checkpoints.errors import UnknownArchitectureError
+import openldm.cli
+from openldm.checkpoints.errors import CorruptCheckpointError, MissingWeightsError
 from openldm.checkpoints.load import StableDiffusion
+from openldm.checkpoints.variant_files import read_variant
 from openldm.config import ModelSpec, TextConfig, UNetConfig, VAEConfig, preset
 from openldm.images import pil_to_tensor
 from openldm.nn.clip import CLIPTextEncoder
@@ -52,7 +54,6 @@ from openldm.train.variants import (
     lama_mask,
     load_base,
     mask_rng,
-    read_variant,
     train_variant,
     training_mask,
     variant_spec,
@@ -343,14 +344,12 @@ def test_export_holds_the_unet_alone_in_fp16(tmp_path, base_path):
     assert not (tmp_path / "too-big.safetensors").exists()
 
 
-def _merged_file(tmp_path: Path, base_path: Path, kind: str) -> tuple[Path, UNetModel, Base]:
+def _variant_file(tmp_path: Path, base_path: Path, kind: str) -> tuple[Path, UNetModel, Base]:
     base = load_base(base_path, BASE)
     unet = _trained_variant(base, kind)
     variant_path = tmp_path / f"{kind}.safetensors"
     export_variant(unet, variant_spec(BASE, kind), base, variant_path)
-    merged = tmp_path / f"{kind}-merged.safetensors"
-    save_file(read_variant(variant_path, base_path), str(merged))
-    return merged, unet, base
+    return variant_path, unet, base
 
 
 def _check_loaded(loaded: StableDiffusion, unet: UNetModel, base: Base) -> None:
@@ -360,23 +359,33 @@ def _check_loaded(loaded: StableDiffusion, unet: UNetModel, base: Base) -> None:
         assert torch.equal(loaded.vae.state_dict()[key].float(), value), key
 
 
-def test_merged_inpaint_variant_loads_through_the_loading_path(tmp_path, base_path):
-    merged, unet, base = _merged_file(tmp_path, base_path, "inpaint")
-    loaded = openldm.load(merged, preset=variant_spec(BASE, "inpaint"))
+def test_inpaint_variant_loads_with_its_base(tmp_path, base_path):
+    path, unet, base = _variant_file(tmp_path, base_path, "inpaint")
+    loaded = openldm.load(path, preset=variant_spec(BASE, "inpaint"), base=base_path)
     assert loaded.spec.variant == "inpaint" and loaded.unet.config.in_channels == 9
     _check_loaded(loaded, unet, base)
 
 
-@pytest.mark.xfail(
-    raises=UnknownArchitectureError,
-    strict=True,
-    reason="detect.py's depth signature accepts only an OpenCLIP text encoder; the embedded depth variant "
-    "has an SD 1 (CLIP-L layout) one. Remove this mark once detection accepts it.",
-)
-def test_merged_depth_variant_loads_through_the_loading_path(tmp_path, base_path):
-    merged, unet, base = _merged_file(tmp_path, base_path, "depth")
-    loaded = openldm.load(merged, preset=variant_spec(BASE, "depth"))
+def test_depth_variant_loads_with_its_base(tmp_path, base_path):
+    path, unet, base = _variant_file(tmp_path, base_path, "depth")
+    loaded = openldm.load(path, preset=variant_spec(BASE, "depth"), base=base_path)
     assert loaded.spec.variant == "depth" and loaded.unet.config.in_channels == 5
+    _check_loaded(loaded, unet, base)
+
+
+def test_variant_file_without_its_base_is_one_clear_error(tmp_path, base_path):
+    path, _, _ = _variant_file(tmp_path, base_path, "inpaint")
+    with pytest.raises(MissingWeightsError, match="holds only a UNet.*base.safetensors"):
+        openldm.load(path, preset=variant_spec(BASE, "inpaint"))
+    with pytest.raises(ValueError, match="base= is for UNet-only variant files"):
+        openldm.load(base_path, preset=BASE, base=base_path)
+
+
+def test_merged_variant_is_a_complete_single_file(tmp_path, base_path):
+    path, unet, base = _variant_file(tmp_path, base_path, "inpaint")
+    merged = tmp_path / "merged.safetensors"
+    save_file(read_variant(path, base_path), str(merged))
+    loaded = openldm.load(merged, preset=variant_spec(BASE, "inpaint"))
     _check_loaded(loaded, unet, base)
 
 
@@ -385,9 +394,9 @@ def test_merge_refuses_another_base(tmp_path, base_path):
     path = tmp_path / "inpaint.safetensors"
     export_variant(_trained_variant(base, "inpaint"), variant_spec(BASE, "inpaint"), base, path)
     other = _base_file(tmp_path / "other.safetensors", seed=1)
-    with pytest.raises(ValueError, match="trained on the base 'base.safetensors'"):
+    with pytest.raises(CorruptCheckpointError, match="trained on the base 'base.safetensors'"):
         read_variant(path, other)
-    with pytest.raises(ValueError, match="holds only"):
+    with pytest.raises(CorruptCheckpointError, match="holds only"):
         read_variant(base_path, base_path)  # a complete model is not a variant file
 
 
@@ -415,3 +424,28 @@ def test_cli_runs_a_variant_stage(monkeypatch, tmp_path):
     args.run(args)
     (recipe, base, _), options = calls[1]
     assert recipe.kind == "inpaint" and base == Path("b.safetensors") and options["export_path"] is None
+
+
+# --- openldm eval --task inpaint|depth -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["inpaint", "depth"])
+def test_eval_task_scores_a_variant_file_with_its_base(kind, tmp_path, base_path, capsys):
+    path, _, _ = _variant_file(tmp_path, base_path, kind)
+    report = tmp_path / "eval.json"
+    argv = ["eval", "--task", kind, "--ckpt", path, "--base", base_path, "--n", "3", "--steps", "2"]
+    assert openldm.cli.main([str(a) for a in [*argv, "--no-progress", "--json", report]]) == 0
+    out = capsys.readouterr().out
+    assert f"# {kind} fidelity of {path}" in out and "| images |" in out
+    scores = json.loads(report.read_text())["scores"]
+    assert scores["images"] == 3
+    # Random weights draw no shapes: nothing repainted, no depth order; the kept region is the VAE's.
+    assert scores["colour"] == 0.0 and 0.0 <= scores.get("order", 0.0) <= 1.0
+    if kind == "inpaint":
+        assert scores["repainted"] == 0.0 and scores["kept_error"] > 0.0
+
+
+def test_eval_task_refuses_a_model_of_another_kind(tmp_path, base_path, capsys):
+    argv = ["eval", "--task", "depth", "--ckpt", str(base_path), "--n", "1", "--no-progress"]
+    assert openldm.cli.main(argv) == 2
+    assert "--task depth needs a depth model; this is a sd1 model" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from openldm.checkpoints.formats.clip_vision import (
     vision_from_transformers,
     vision_to_transformers,
 )
+from openldm.checkpoints.read import read_state_dict
 from openldm.images import read_parameters
 from openldm.nn.clip_vision import CLIPVisionEncoder, VisionConfig, preprocess
 from openldm.pipelines.image_embedding import cosine_alphas_cumprod, image_embedder
@@ -436,3 +437,30 @@ def test_embedder_activation_rule() -> None:
         "quick_gelu"
     )
     assert embedder_activation(conv(64) | {"model.token_embedding.weight": torch.ones(1)}) == "gelu"
+
+
+def test_embedding_stats_file_stands_in_for_missing_statistics(setup, tmp_path, capsys) -> None:
+    # A single file without noise_augmentor.data_mean/std (as the reference's CLIP-L one, which reads
+    # ViT-L-14_stats.th; this tiny tower counts as -h, whose missing statistics mean no normalisation).
+    sd = read_state_dict(setup["single"])
+    mean, std = sd.pop("noise_augmentor.data_mean"), sd.pop("noise_augmentor.data_std")
+    bare = tmp_path / "no-stats.safetensors"
+    write_single_file(bare, sd)
+    torch.save((mean, std), tmp_path / "ViT-L-14_stats.th")
+    init = tmp_path / "in.png"
+    picture().save(init)
+    argv = ["variations", "--ckpt", str(bare), "--init-img", str(init), "--ddim_steps", "2"]
+    argv += ["--H", "32", "--W", "32", "--n_samples", "1", "--seed", "3"]
+
+    api = variations(setup["single_model"], picture(), steps=2, width=32, height=32, seed=3, progress=False)
+    assert openldm.cli.main([*argv, "--outdir", str(tmp_path / "none")]) == 0
+    unnormalised = np.asarray(Image.open(tmp_path / "none" / "samples" / "00000.png"))
+    assert not np.array_equal(unnormalised, np.asarray(api.images[0]))
+    stats = ["--embedding-stats", str(tmp_path / "ViT-L-14_stats.th")]
+    assert openldm.cli.main([*argv, *stats, "--outdir", str(tmp_path / "out")]) == 0
+    saved = np.asarray(Image.open(tmp_path / "out" / "samples" / "00000.png"))
+    assert np.array_equal(saved, np.asarray(api.images[0]))
+
+    torch.save({"mean": mean}, tmp_path / "wrong.th")
+    assert openldm.cli.main([*argv, "--embedding-stats", str(tmp_path / "wrong.th")]) == 2
+    assert "does not hold a (mean, std) pair" in capsys.readouterr().err

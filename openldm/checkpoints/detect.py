@@ -128,7 +128,7 @@ SIGNATURES: tuple[Signature, ...] = (
         "depth",
         5,
         "none",
-        _OPENCLIP,
+        _ANY_TEXT,
         frozenset({"depth_model"}),
         frozenset({"StableDiffusionDepth2ImgPipeline"}),
     ),

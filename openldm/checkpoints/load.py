@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from openldm.checkpoints import variant_files
 from openldm.checkpoints.detect import (
     EXTRA_COMPONENTS,
     TEXT_PREFIXES,
@@ -198,6 +199,8 @@ class _Parts:
     scheduler_prediction: PredictionType | None = None
     schedule: ScheduleConfig | None = None
     image_size: int | None = None
+    # What a file written by openldm (openldm train) states in its safetensors metadata.
+    metadata_prediction: PredictionType | None = None
 
 
 def load(
@@ -209,6 +212,7 @@ def load(
     device: str | torch.device = "cpu",
     preset: str | ModelSpec | None = None,
     variant: str | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> StableDiffusion:
     """Load a Stable Diffusion checkpoint.
 
@@ -221,13 +225,18 @@ def load(
         device: where the networks go.
         preset: a preset name or a :class:`ModelSpec` to build instead of reading the sizes.
         variant: diffusers weight variant to read (``"fp16"`` for ``*.fp16.safetensors``).
+        base: for a UNet-only variant file (:mod:`openldm.checkpoints.variant_files`), the complete
+            single file whose VAE and text encoder it shares (default: the packaged embedded model
+            when the file names it as its base).
     """
     source = os.fspath(path_or_id)
     path = Path(source)
+    if base is not None and not path.is_file():
+        raise ValueError(f"base= is for UNet-only variant files; {source} is not a file")
     if path.is_dir():
         parts = _diffusers_parts(path, variant)
     elif path.is_file():
-        parts = _single_file_parts(path, config)
+        parts = _single_file_parts(path, config, base)
     elif _HUB_ID.fullmatch(source) and not source.endswith(_CHECKPOINT_SUFFIXES):
         parts = _diffusers_parts(_download(source, variant), variant)
     else:
@@ -246,6 +255,26 @@ def load(
 
 
 # --- original single files ---------------------------------------------------------------------
+
+
+def _with_base(sd: StateDict, path: Path, base: str | os.PathLike[str] | None) -> StateDict:
+    """A UNet-only variant file merged with its base; any other file as it is."""
+    if not variant_files.is_variant_file(sd):
+        if base is not None:
+            raise ValueError(
+                f"base= is for UNet-only variant files, but {path} is a complete checkpoint; drop base="
+            )
+        return sd
+    metadata = variant_files.file_metadata(path)
+    base = base if base is not None else variant_files.default_base(metadata)
+    if base is None:
+        raise MissingWeightsError(
+            path,
+            "it holds only a UNet (a variant file); its VAE and text encoder are in its base model "
+            f"{metadata.get(variant_files.FILE_KEY, '')!r}",
+            "Pass the base checkpoint it was trained on: load(path, base=FILE) or --base FILE",
+        )
+    return variant_files.merge_with_base(sd, metadata, read_state_dict(Path(base)), path)
 
 
 def split_single_file(
@@ -292,8 +321,33 @@ def split_single_file(
     return unet, vae, text, extras
 
 
-def _single_file_parts(path: Path, config: str | os.PathLike[str] | None) -> _Parts:
-    sd = read_state_dict(path)
+def _apply_openldm_metadata(
+    metadata: Mapping[str, str], vae_cfg: VAEConfig, parts_kwargs: dict[str, Any], path: Path
+) -> VAEConfig:
+    """The latent scale factor, image size and prediction type that ``openldm train`` writes into
+    its files' metadata (a yaml config, when given, still wins)."""
+    try:
+        if "openldm.scale_factor" in metadata:
+            vae_cfg = dataclasses.replace(vae_cfg, scale_factor=float(metadata["openldm.scale_factor"]))
+        if "openldm.image_size" in metadata:
+            parts_kwargs["image_size"] = int(metadata["openldm.image_size"])
+    except ValueError as e:
+        raise CorruptCheckpointError(path, f"unreadable openldm metadata ({e})", _REEXPORT) from e
+    prediction = metadata.get("openldm.prediction_type")
+    if prediction is not None:
+        if prediction not in ("eps", "v"):
+            raise CorruptCheckpointError(path, f"metadata names prediction type {prediction!r}", _REEXPORT)
+        parts_kwargs["metadata_prediction"] = prediction
+    return vae_cfg
+
+
+_REEXPORT = "Export the model again (openldm train --resume --out RUN) or pass config= / preset="
+
+
+def _single_file_parts(
+    path: Path, config: str | os.PathLike[str] | None, base: str | os.PathLike[str] | None = None
+) -> _Parts:
+    sd = _with_base(read_state_dict(path), path, base)
     detection = detect_single_file(sd, path)
     unet_sd, vae_sd, text_sd, extras = split_single_file(sd, detection, path)
     yaml_params = _read_yaml(Path(config)) if config is not None else None
@@ -315,10 +369,12 @@ def _single_file_parts(path: Path, config: str | os.PathLike[str] | None) -> _Pa
     vae_cfg = _convert(path, "VAE", vae.infer_vae_config, vae_sd, scale)
     text_cfg = _convert(path, "text encoder", clip.infer_text_config, text_sd, detection.text_layout)
     parts_kwargs: dict[str, Any] = {}
+    vae_cfg = _apply_openldm_metadata(variant_files.file_metadata(path), vae_cfg, parts_kwargs, path)
     if yaml_params is not None:
-        unet_cfg, vae_cfg, text_cfg, parts_kwargs = _apply_yaml(
+        unet_cfg, vae_cfg, text_cfg, yaml_kwargs = _apply_yaml(
             yaml_params, unet_cfg, vae_cfg, text_cfg, config
         )
+        parts_kwargs.update(yaml_kwargs)
     if detection.text_layout == "open_clip":
         text_ours = _convert(path, "text encoder", clip.text_from_open_clip, text_sd, text_cfg)
     else:
@@ -633,6 +689,8 @@ def _prediction(
         return parts.yaml_prediction, "the yaml config"
     if chosen is not None:
         return chosen.prediction_type, f"preset {chosen.name}"
+    if parts.metadata_prediction is not None:
+        return parts.metadata_prediction, "the file's openldm metadata"
     if parts.scheduler_prediction is not None:
         return parts.scheduler_prediction, "scheduler/scheduler_config.json"
     variant = parts.detection.variant

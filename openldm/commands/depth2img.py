@@ -42,6 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_generation_flags(
         parser,
         "img2img",
+        embedded=True,
         defaults={"strength": DEFAULT_STRENGTH, "outdir": f"outputs/{NAME}-samples", "n_samples": 1},
         helps={
             "strength": "how much of the init image is redrawn, 0..1 (default: %(default)s)",

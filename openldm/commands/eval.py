@@ -57,13 +57,13 @@ background"), detect the shapes in each image by their palette colours and silho
 what the caption asked for:
 
   colour    objects whose matched detection has the right colour
-  kind      ... the right kind (circle, square, triangle, diamond)
+  kind      ... the right kind (circle, square, triangle, rectangle)
   position  ... the right cell of the 3x3 grid
   count     (colour, kind) groups drawn exactly as often as asked
   scene     images with everything right and nothing extra
 
 "seen" scenes follow the training distribution (1 to 3 shapes); "held-out" scenes hold a single shape
-whose colour-kind pair (red triangle, yellow circle, green diamond, blue square, pink triangle) never
+whose colour-kind pair (red triangle, yellow circle, green rectangle, blue square, pink triangle) never
 occurs in training captions: they measure compositional generalisation.
 
 Targets of the embedded model at 25 steps and guidance 7.5 (DDIM): seen colour >= 90, kind >= 85,
@@ -114,6 +114,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="the model: a .safetensors/.ckpt file or a diffusers folder (default: the embedded model)",
     )
     add("--config", help="the reference's yaml config of --ckpt (gives the prediction type)")
+    add(
+        "--task",
+        choices=["txt2img", "inpaint", "depth"],
+        default="txt2img",
+        help="what to score: text-to-image, or an inpainting / depth model (the embedded model's variant "
+        "without --ckpt; the repainted shape and the kept region, or the depth order) (default: %(default)s)",
+    )
+    add("--base", help="for a UNet-only variant file as --ckpt: the complete model it was trained from")
     add("--n", type=int, default=100, help="images per set, seen and held-out (default: %(default)s)")
     add("--steps", type=int, default=25, help="sampling steps (default: %(default)s)")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
@@ -410,7 +418,7 @@ def _load(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
     dtype = torch.float32 if precision == "fp32" else None
     if args.ckpt is None:
         return load_embedded(device=device, dtype=dtype), precision
-    return load(args.ckpt, config=args.config, device=device, dtype=dtype), precision
+    return load(args.ckpt, config=args.config, device=device, dtype=dtype, base=args.base), precision
 
 
 def run(args: argparse.Namespace) -> int:
@@ -420,6 +428,10 @@ def run(args: argparse.Namespace) -> int:
     from openldm.config import preset
     from openldm.embedded import EMBEDDED_PRESET
 
+    if args.task != "txt2img":
+        from openldm.commands.eval_variants import run as run_variant_task
+
+        return run_variant_task(args)
     main, guidance, steps = plan(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -54,6 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_generation_flags(
         parser,
         "img2img",
+        embedded=True,
         defaults={"strength": DEFAULT_STRENGTH, "outdir": "outputs/inpaint-samples"},
         helps={
             "strength": "how much of the masked region is redrawn, 0..1 "

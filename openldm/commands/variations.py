@@ -61,6 +61,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0,
         help="noise added to the image's CLIP embedding, 0..999 (default: %(default)s)",
     )
+    parser.add_argument(
+        "--embedding-stats",
+        metavar="PATH",
+        help="for a CLIP-L unCLIP single file without them: the image embeddings' mean and std, as the "
+        "reference's ViT-L-14_stats.th (or a safetensors file with 'mean' and 'std')",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         _save_outputs,
     )
     from openldm.images import load_image
-    from openldm.pipelines.image_embedding import image_embedder
+    from openldm.pipelines.image_embedding import image_embedder, read_embedding_stats
     from openldm.pipelines.variations import variations
 
     sampler = _sampler_name(args)
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     _check_input(args)
     batches = _prompt_batches(args)
     init_image = load_image(args.init_img)
+    stats = read_embedding_stats(args.embedding_stats) if args.embedding_stats else None
     model, precision = _load_model(args)
     _check_model(args, model)
     if model.spec.variant != "unclip":
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         **_generation_options(args, sampler, precision),
         "noise_level": args.noise_level,
         "guidance_scale": args.scale if args.scale is not None else DEFAULT_SCALE,
-        "embedder": image_embedder(model),  # built once for every batch
+        "embedder": image_embedder(model, stats),  # built once for every batch
     }
 
     def generate(prompts: list[str], n_samples: int) -> Generation:

@@ -17,6 +17,7 @@ image tower under ``embedder.model.visual.*`` and the schedule (and possibly ``d
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,34 @@ class ImageEmbedder:
             raise ValueError(
                 f"noise_level must be a whole number from 0 to {self.levels - 1}, got {noise_level!r}"
             )
+
+
+def read_embedding_stats(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of CLIP image embeddings from a file: the reference's ``ViT-L-14_stats.th`` (a pickled
+    pair of tensors, read by the restricted unpickler: no code runs) or a safetensors file with ``mean``
+    and ``std``."""
+    from openldm.checkpoints.read import read_safetensors, read_torch_zip, sniff
+
+    file = Path(path)
+    if not file.is_file():
+        raise MissingWeightsError(file, "no such file", "Pass the path of ViT-L-14_stats.th")
+    if sniff(file) == "safetensors":
+        tensors = read_safetensors(file)
+        pair: Any = (tensors.get("mean"), tensors.get("std"))
+    else:
+        pair = read_torch_zip(file)
+    if not (
+        isinstance(pair, (tuple, list))
+        and len(pair) == 2
+        and all(isinstance(t, torch.Tensor) for t in pair)
+        and pair[0].shape == pair[1].shape
+    ):
+        raise CorruptCheckpointError(
+            file,
+            "it does not hold a (mean, std) pair of tensors of one shape",
+            "Pass ViT-L-14_stats.th (the reference's CLIP-L embedding statistics)",
+        )
+    return pair[0].detach().float(), pair[1].detach().float()
 
 
 def image_embedder(

@@ -31,7 +31,7 @@ KIND_WORDS: dict[str, tuple[tuple[str, str], ...]] = {  # (singular, plural)
     "circle": (("circle", "circles"), ("disc", "discs"), ("dot", "dots")),
     "square": (("square", "squares"), ("box", "boxes")),
     "triangle": (("triangle", "triangles"),),
-    "diamond": (("diamond", "diamonds"), ("rhombus", "rhombuses")),
+    "rectangle": (("rectangle", "rectangles"), ("bar", "bars")),
 }
 POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "top left": ("in the top left corner", "at the top left", "in the upper left"),

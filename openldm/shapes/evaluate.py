@@ -49,8 +49,8 @@ ATTRIBUTES = ("colour", "kind", "position", "count", "scene")
 MAX_RESIDUAL = 70.0  # RGB distance from the blend line beyond which a pixel is unexplained
 # Area / bounding-box area, and how far the centroid sits below the box centre (in box sides): these
 # place the ideal shape of a given area on a region's centroid.
-FILL = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5, "diamond": 0.5}
-DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "diamond": 0.0}
+FILL = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5, "rectangle": 0.5}
+DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "rectangle": 0.0}
 MIN_AREA = 0.2 * 0.5 * (min(SIZES.values()) / 3) ** 2  # a fifth of a small triangle, as image fraction
 MAX_DETECTIONS = 8
 FRINGE = 0.1  # coverage below this is noise

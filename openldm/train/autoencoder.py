@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from openldm.config import VAEConfig
-from openldm.nn.vae import AutoencoderKL
+from openldm.nn.vae import AttnBlock, AutoencoderKL, Downsample, ResnetBlock, Upsample
 from openldm.shapes.dataset import ShapesDataset, to_tensor
 from openldm.train.data import STREAM_CROP, STREAM_POSTERIOR, image_batch, random_crops, step_generator
 from openldm.train.ema import EMA
@@ -46,6 +46,8 @@ class AutoencoderRecipe:
     l2_weight: float = 0.0
     edge_weight: float = 0.5
     foreground_weight: float = 0.0  # extra weight of non-background pixels (losses.foreground_weights)
+    dense_fraction: float = 0.0  # fraction of training images that are dense scenes (dataset.dense_scene)
+    identity_init: bool = False  # start residual branches at zero and resamplers as pooling (identity_init)
     dataset_seed: int = 0
     dataset_length: int = DATASET_LENGTH  # distinct images (the batches wrap around after them)
     seed: int = 0
@@ -55,6 +57,34 @@ def init_posterior(vae: AutoencoderKL, logvar: float = INITIAL_LOGVAR) -> None:
     """Start the posterior's log-variance at ``logvar`` (the bias of ``quant_conv``'s second half)."""
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.embed_dim :] = logvar
+
+
+def identity_init(vae: AutoencoderKL) -> None:
+    """Start the autoencoder near a pixelated identity: every residual branch (res blocks' second conv,
+    attention's output projection) at zero, downsamplers as 2x2 average pooling and upsamplers as
+    nearest-neighbour copies, channel by channel.
+
+    The network then begins as a short chain of convolutions that already carries each 8x8 block's
+    colour, and the zero branches learn the details: with the default random initialisation the
+    SD autoencoder learns flat colours and small shapes very slowly.
+    """
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, ResnetBlock) and module.nin_shortcut is None:
+                module.conv2.weight.zero_()
+                module.conv2.bias.zero_()
+            elif isinstance(module, AttnBlock):
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+            elif isinstance(module, (Downsample, Upsample)):
+                conv = module.conv
+                eye = torch.eye(conv.out_channels, conv.in_channels)
+                conv.weight.zero_()
+                conv.bias.zero_()
+                if isinstance(module, Downsample):  # pad right/bottom, stride 2: taps (0..1, 0..1)
+                    conv.weight[:, :, :2, :2] = eye[:, :, None, None] / 4
+                else:
+                    conv.weight[:, :, 1, 1] = eye
 
 
 def channels_last(module: nn.Module, device: torch.device | str) -> nn.Module:
@@ -76,9 +106,13 @@ def train_autoencoder(
     """
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL(recipe.vae)
+    if recipe.identity_init:
+        identity_init(vae)
     init_posterior(vae)
     vae = channels_last(vae.to(device), device)
-    dataset = ShapesDataset(recipe.dataset_seed, recipe.image_size, recipe.dataset_length)
+    dataset = ShapesDataset(
+        recipe.dataset_seed, recipe.image_size, recipe.dataset_length, dense_fraction=recipe.dense_fraction
+    )
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images = image_batch(dataset, step, recipe.batch_size)

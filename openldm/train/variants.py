@@ -21,18 +21,17 @@ and noise from it, like :mod:`openldm.train.diffusion`'s latent cache.
 
 A variant file holds only the UNet (``model.diffusion_model.*``, fp16, at most 10 MB): its VAE and text
 encoder are the base's, named in the metadata with a fingerprint of the base's tensors;
-:func:`merge_with_base` makes the complete single file from the two.
+:func:`openldm.checkpoints.variant_files.merge_with_base` makes the complete single file from the two,
+and ``openldm.load(variant, base=...)`` loads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +42,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
+from openldm.checkpoints.variant_files import (
+    BASE_KEY,
+    FILE_KEY,
+    FINGERPRINT_KEY,
+    base_fingerprint,
+    file_metadata,
+)
 from openldm.config import ModelSpec, UNetConfig, preset
 from openldm.images import pil_to_tensor
 from openldm.nn.unet import UNetModel
@@ -79,7 +85,6 @@ CACHE = "variant-cache.pt"
 # Random streams of a step, after openldm.train.data's 0..4; and of the cache's masks.
 STREAM_CHOICE, STREAM_CONCAT, STREAM_MASK = 5, 6, 7
 CACHE_SEED_OFFSET = 2_000_003  # dataset images after those of the base model's stages
-BASE_KEY, FINGERPRINT_KEY, FILE_KEY = "openldm.base", "openldm.base_fingerprint", "openldm.base_file"
 
 
 # --- masks (white = True = repaint) ------------------------------------------------------------
@@ -575,16 +580,6 @@ def run_variant(
 # --- export and merge ---------------------------------------------------------------------------
 
 
-def base_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 (16 hex digits) of a single file's tensors outside the UNet: names, dtypes, shapes, bytes."""
-    digest = hashlib.sha256()
-    for key in sorted(k for k in sd if not k.startswith(UNET_PREFIX)):
-        value = sd[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def export_variant(
     unet: nn.Module, spec: ModelSpec, base: Base, path: str | Path, max_bytes: int = MAX_BYTES
 ) -> int:
@@ -618,46 +613,6 @@ def export_variant(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return len(data)
-
-
-def file_metadata(path: str | Path) -> dict[str, str]:
-    """A safetensors file's metadata ({} for none)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def merge_with_base(
-    variant: Mapping[str, torch.Tensor], metadata: Mapping[str, str], base: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The complete single file of a variant: the base's tensors with the variant's UNet instead of its own.
-
-    ``ValueError`` when the variant holds more than a UNet, or names a base whose tensors differ.
-    """
-    stray = [k for k in variant if not k.startswith(UNET_PREFIX)]
-    if stray or not variant:
-        raise ValueError(
-            f"a variant file holds only {UNET_PREFIX}* tensors; this one has {stray[:3] or 'none'}"
-        )
-    expected = metadata.get(FINGERPRINT_KEY)
-    if expected is not None and expected != base_fingerprint(base):
-        raise ValueError(
-            f"this variant was trained on the base {metadata.get(FILE_KEY, '?')!r} (fingerprint "
-            f"{expected}) but the given base differs (fingerprint {base_fingerprint(base)}); use the base it "
-            "was trained on, or train the variant again on this one "
-            "(openldm train --stage inpaint|depth --base FILE)"
-        )
-    merged = {k: v for k, v in base.items() if not k.startswith(UNET_PREFIX)}
-    merged.update(variant)
-    return merged
-
-
-def read_variant(path: str | Path, base_path: str | Path) -> dict[str, torch.Tensor]:
-    """:func:`merge_with_base` of two files."""
-    from openldm.checkpoints.read import read_state_dict
-
-    return merge_with_base(read_state_dict(path), file_metadata(path), read_state_dict(base_path))
 
 
 # --- openldm train --stage inpaint|depth ---------------------------------------------------------

@@ -1,0 +1,130 @@
+"""``openldm eval --task inpaint|depth``: the fidelity of an inpainting or depth model on the shapes task.
+
+The cases and scores are :mod:`openldm.shapes.variant_fidelity`'s; images come from the public
+``inpaint`` / ``depth2img`` pipelines (case ``i`` with seed ``seed + i``), on the embedded model's variant
+without ``--ckpt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openldm.cli import UsageError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from openldm.checkpoints.load import StableDiffusion
+
+# A plain text-to-image model inpaints too (by latent blending).
+TASK_VARIANTS = {"inpaint": ("inpaint", "sd1", "sd2"), "depth": ("depth",)}
+INPAINT_COLUMNS = ("repainted", "colour", "kind", "position", "kept_shapes", "kept_error")
+DEPTH_COLUMNS = ("colour", "kind", "position", "count", "order")
+
+
+def _load(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
+    import torch
+
+    from openldm.checkpoints.load import load
+    from openldm.cli import _device, _precision
+    from openldm.embedded import load_embedded
+
+    device = _device(args.device)
+    precision = _precision("autocast", device)
+    dtype = torch.float32 if precision == "fp32" else None
+    if args.ckpt is None:
+        model = load_embedded(args.task, device=device, dtype=dtype)
+    else:
+        model = load(args.ckpt, config=args.config, device=device, dtype=dtype, base=args.base)
+    if model.spec.variant not in TASK_VARIANTS[args.task]:
+        raise UsageError(
+            f"--task {args.task} needs a {args.task} model; this is a {model.spec.variant} model"
+        )
+    return model, precision
+
+
+def _options(args: argparse.Namespace, precision: str, seed: int) -> dict[str, Any]:
+    return {
+        "steps": args.steps,
+        "guidance_scale": args.scale,
+        "sampler": args.sampler,
+        "seed": seed,
+        "precision": precision,
+        "progress": False,
+    }
+
+
+def _inpaint_images(model: StableDiffusion, args: argparse.Namespace, precision: str, bar: Any) -> Any:
+    from openldm.pipelines.inpaint import inpaint
+    from openldm.shapes.variant_fidelity import inpaint_cases, score_inpaint
+
+    cases = inpaint_cases(args.seed, args.n, model.spec.image_size)
+    images: list[Image.Image] = []
+    for i, case in enumerate(cases):
+        options = _options(args, precision, args.seed + i)
+        images.append(inpaint(model, case.caption, case.init, case.mask, **options).images[0])
+        bar.update()
+    return score_inpaint(images, cases)
+
+
+def _depth_images(model: StableDiffusion, args: argparse.Namespace, precision: str, bar: Any) -> Any:
+    from PIL import Image
+
+    from openldm.pipelines.depth2img import depth2img
+    from openldm.shapes.render import PALETTE
+    from openldm.shapes.variant_fidelity import depth_cases, score_depth
+
+    size = model.spec.image_size
+    cases = depth_cases(args.seed, args.n, size)
+    images: list[Image.Image] = []
+    for i, (caption, scene, depth) in enumerate(cases):
+        blank = Image.new("RGB", (size, size), PALETTE[scene.background])  # unused at strength 1
+        options = _options(args, precision, args.seed + i)
+        images.append(depth2img(model, caption, blank, depth_map=depth, strength=1.0, **options).images[0])
+        bar.update()
+    return score_depth(images, [scene for _, scene, _ in cases])
+
+
+def table(task: str, scores: dict[str, float]) -> str:
+    columns = INPAINT_COLUMNS if task == "inpaint" else DEPTH_COLUMNS
+    cells = [f"{scores[c]:.1f}" if c == "kept_error" else f"{100 * scores[c]:.1f}" for c in columns]
+    header = [f"{c} (0-255)" if c == "kept_error" else c for c in columns]
+    return "\n".join(
+        [
+            "| images | " + " | ".join(header) + " |",
+            "|---" * (len(columns) + 1) + "|",
+            f"| {int(scores['images'])} | " + " | ".join(cells) + " |",
+        ]
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``openldm eval --task inpaint|depth``; return the exit status."""
+    import torch
+    from tqdm import tqdm
+
+    if args.sweep != "none" or args.ground_truth:
+        raise UsageError(f"--task {args.task} takes neither --sweep nor --ground-truth")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, precision = _load(args)
+    bar = tqdm(
+        total=args.n, desc=f"eval {args.task}", unit="image", disable=args.no_progress, file=sys.stderr
+    )
+    generate = _inpaint_images if args.task == "inpaint" else _depth_images
+    scores = generate(model, args, precision, bar)
+    bar.close()
+    name = args.ckpt or f"the embedded {args.task} variant"
+    setting = f"{args.sampler}, {args.steps} steps, guidance {args.scale:g}, seed {args.seed}"
+    print(f"# {args.task} fidelity of {name} ({setting})\n\n{table(args.task, scores)}")
+    if args.json is not None:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"model": name, "task": args.task, "setting": setting, "scores": scores}
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"openldm: wrote {path}", file=sys.stderr)
+    return 0
