@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import openldm
-from openldm.config import ModelSpec, TextConfig, UNetConfig, VAEConfig, preset
+from openldm.config import ModelSpec, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, preset
+from openldm.nn.unet import UNetModel
 from openldm.nn.vae import AutoencoderKL
 from openldm.sampling.schedule import NoiseSchedule
 from openldm.shapes.dataset import ShapesDataset
@@ -36,7 +37,7 @@ from openldm.train.diffusion import (
 from openldm.train.ema import EMA
 from openldm.train.embedded import MAX_BYTES, export_single_file, single_file_state_dict
 from openldm.train.loop import LOG, LoopConfig, train_loop
-from openldm.train.losses import diffusion_loss
+from openldm.train.losses import diffusion_loss, min_snr_weights
 
 VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=0.5)
 TEXT = TextConfig(width=64, layers=1, heads=1, mlp_width=64)
@@ -287,3 +288,21 @@ def test_identity_init_starts_as_a_pixelated_identity():
     block = vae.encoder.down[0].block[0]
     assert torch.equal(block(x), x)  # the residual branch starts at zero
     assert torch.equal(vae.encoder.mid.attn_1(x), x)
+
+
+def test_min_snr_weights():
+    alpha_bar = torch.tensor([0.5, 0.8, 0.95])  # SNR 1, 4, 19
+    eps = min_snr_weights(alpha_bar, 5.0, "eps")
+    assert torch.allclose(eps, torch.tensor([1.0, 1.0, 5.0 / 19.0]))
+    v = min_snr_weights(alpha_bar, 5.0, "v")
+    assert torch.allclose(v, torch.tensor([0.5, 0.8, 5.0 / 20.0]))
+
+
+def test_min_snr_loss_equals_mse_where_snr_is_below_gamma():
+    torch.manual_seed(0)
+    unet = UNetModel(UNET)
+    schedule = NoiseSchedule(ScheduleConfig())
+    x0, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64)
+    plain = diffusion_loss(unet, schedule, x0, context, "eps", torch.Generator().manual_seed(1))
+    weighted = diffusion_loss(unet, schedule, x0, context, "eps", torch.Generator().manual_seed(1), 1e9)
+    assert torch.allclose(plain, weighted, rtol=1e-5)

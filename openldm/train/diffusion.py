@@ -56,6 +56,7 @@ class DiffusionRecipe:
     batch_size: int = 32
     cache_size: int = 20_000  # images encoded once and drawn from for the whole stage
     caption_dropout: float = CAPTION_DROPOUT
+    min_snr_gamma: float | None = None  # min-SNR loss weighting (losses.min_snr_weights); None: plain MSE
     dataset_seed: int = 0
     seed: int = 0
 
@@ -156,7 +157,9 @@ def train_diffusion(
         context = model.text(ids.to(device))
         x0 = z.to(device).contiguous(memory_format=torch.channels_last)
         noise_generator = step_generator(recipe.seed, STREAM_NOISE, step)
-        loss = diffusion_loss(model.unet, schedule, x0, context, recipe.prediction_type, noise_generator)
+        loss = diffusion_loss(
+            model.unet, schedule, x0, context, recipe.prediction_type, noise_generator, recipe.min_snr_gamma
+        )
         return loss, {}
 
     result = train_loop(model, loss_fn, recipe.loop, out, resume=resume, desc="diffusion", progress=progress)

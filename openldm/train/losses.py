@@ -85,6 +85,7 @@ def diffusion_loss(
     context: Tensor,
     prediction_type: str,
     generator: torch.Generator,
+    min_snr_gamma: float | None = None,
 ) -> Tensor:
     """The DDPM objective: MSE between the UNet's output on ``x_t`` and the eps or v target.
 
@@ -99,4 +100,17 @@ def diffusion_loss(
     a = alpha_bar[:, None, None, None]
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
     prediction = unet(noisy, t.to(x0.device), context=context)
-    return F.mse_loss(prediction.float(), diffusion_target(x0, noise, alpha_bar, prediction_type).float())
+    target = diffusion_target(x0, noise, alpha_bar, prediction_type).float()
+    if min_snr_gamma is None:
+        return F.mse_loss(prediction.float(), target)
+    errors = (prediction.float() - target).pow(2).flatten(1).mean(1)
+    return (errors * min_snr_weights(alpha_bar.float(), min_snr_gamma, prediction_type)).mean()
+
+
+def min_snr_weights(alpha_bar: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): each timestep's loss weighted as if it predicted
+    x0 with weight ``min(SNR, gamma)``, so the nearly clean timesteps (huge SNR) stop dominating.
+    Expressed for the eps target (``min(SNR, gamma) / SNR``) or the v target (``... / (SNR + 1)``)."""
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if prediction_type == "eps" else clipped / (snr + 1)
