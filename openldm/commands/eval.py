@@ -405,8 +405,9 @@ def to_json(
 # --- the command -------------------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
-    """The model (the embedded one without --ckpt) and the precision to run it in."""
+def load_model(args: argparse.Namespace, kind: str | None = None) -> tuple[StableDiffusion, str]:
+    """The model of --ckpt (with --base), else the embedded model or its ``kind`` variant; and the
+    precision to run it in."""
     import torch
 
     from openldm.checkpoints.load import load
@@ -417,7 +418,7 @@ def _load(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
     precision = _precision("autocast", device)
     dtype = torch.float32 if precision == "fp32" else None
     if args.ckpt is None:
-        return load_embedded(device=device, dtype=dtype), precision
+        return load_embedded(kind, device=device, dtype=dtype), precision
     return load(args.ckpt, config=args.config, device=device, dtype=dtype, base=args.base), precision
 
 
@@ -439,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ground_truth and args.ckpt is None:
         name, generate = "ground truth", ground_truth_generator(preset(EMBEDDED_PRESET).image_size)
     else:
-        model, precision = _load(args)
+        model, precision = load_model(args)
         name = args.ckpt or f"the embedded model ({model.source})"
         if args.ground_truth:
             generate = ground_truth_generator(model.spec.image_size)

@@ -27,19 +27,9 @@ DEPTH_COLUMNS = ("colour", "kind", "position", "count", "order")
 
 
 def _load(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
-    import torch
+    from openldm.commands.eval import load_model
 
-    from openldm.checkpoints.load import load
-    from openldm.cli import _device, _precision
-    from openldm.embedded import load_embedded
-
-    device = _device(args.device)
-    precision = _precision("autocast", device)
-    dtype = torch.float32 if precision == "fp32" else None
-    if args.ckpt is None:
-        model = load_embedded(args.task, device=device, dtype=dtype)
-    else:
-        model = load(args.ckpt, config=args.config, device=device, dtype=dtype, base=args.base)
+    model, precision = load_model(args, args.task)
     if model.spec.variant not in TASK_VARIANTS[args.task]:
         raise UsageError(
             f"--task {args.task} needs a {args.task} model; this is a {model.spec.variant} model"

@@ -169,7 +169,7 @@ def _describe(soft: np.ndarray, colour: str, top: int, left: int, size: tuple[in
     return Detection(kind, colour, POSITIONS[3 * row + col], mass / (h * w), (cx / w, cy / h), fit)
 
 
-def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+def dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     out = mask.copy()
     for _ in range(steps):
         grown = out.copy()
@@ -224,7 +224,7 @@ def _soft_region(
     top, left = max(ys.min() - margin, 0), max(xs.min() - margin, 0)
     cut = (slice(top, ys.max() + 1 + margin), slice(left, xs.max() + 1 + margin))
     alpha, explained = _unmix(pixels[cut], background_rgb, [colour])
-    soft = np.where(_dilate(region[cut], reach) & ~others[cut] & explained[..., 0], alpha[..., 0], 0.0)
+    soft = np.where(dilate(region[cut], reach) & ~others[cut] & explained[..., 0], alpha[..., 0], 0.0)
     return np.where(soft >= FRINGE, soft, 0.0).astype(np.float32), top, left
 
 

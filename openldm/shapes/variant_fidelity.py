@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from openldm.shapes.dataset import evaluation_scenes
-from openldm.shapes.evaluate import FILL, Detection, detect_objects, evaluate, match
+from openldm.shapes.evaluate import FILL, Detection, detect_objects, dilate, evaluate, match
 from openldm.shapes.render import PALETTE, Scene, render
 
 MASK_GROWTH = 3  # pixels added around the repainted shape's mask
@@ -36,15 +36,6 @@ class InpaintCase:
     mask: Image.Image  # "L", 255 where the model repaints
 
 
-def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(steps):
-        padded = np.pad(out, 1)
-        h, w = out.shape
-        out = np.stack([padded[i : i + h, j : j + w] for i in range(3) for j in range(3)]).any(0)
-    return out
-
-
 def _without_first(scene: Scene, size: int) -> Image.Image:
     if len(scene.objects) == 1:
         return Image.new("RGB", (size, size), PALETTE[scene.background])
@@ -55,7 +46,7 @@ def inpaint_cases(seed: int, n: int, size: int) -> list[InpaintCase]:
     """``n`` cases from the seen evaluation scenes (:func:`openldm.shapes.dataset.evaluation_scenes`)."""
     cases = []
     for caption, scene in evaluation_scenes(seed, n, held_out_only=False):
-        mask = _grow(render(scene, size).masks[0], MASK_GROWTH)
+        mask = dilate(render(scene, size).masks[0], MASK_GROWTH)
         image = Image.fromarray((mask * 255).astype(np.uint8), "L")
         cases.append(InpaintCase(caption, scene, _without_first(scene, size), image))
     return cases
