@@ -191,7 +191,7 @@ EMBEDDED_UNET = UNetConfig(
     num_heads=8,
     context_dim=64,
 )
-EMBEDDED_VAE = VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=1.0)
+EMBEDDED_VAE = VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=0.8344)
 
 PRESETS: dict[str, ModelSpec] = {
     "sd15": ModelSpec("sd15", "sd1", SD1_UNET, SD_VAE, CLIP_L),

@@ -13,23 +13,25 @@ from pathlib import Path
 
 STAGES = {
     "vae": ("vae",),
+    "text": ("text",),
     "diffusion": ("diffusion",),
-    "all": ("vae", "diffusion"),
+    "all": ("vae", "text", "diffusion"),
     # The variants, trained from a finished base model (openldm/train/variants.py).
     "inpaint": ("inpaint",),
     "depth": ("depth",),
 }
 DESCRIPTION = """\
 Train the embedded default model (preset "embedded") from scratch on the procedural shapes dataset:
-stage 1 the autoencoder (f=8, 4 latent channels, L1 + L2 + edge + KL, shapes weighted over the
-background), stage 2 the UNet and the CLIP text encoder together (AdamW, warm-up, 10% caption
-dropout, EMA, gradient clipping). Then the EMA weights
-are exported in fp16 as one SD 1 single file, which `openldm txt2img --ckpt FILE` or
-openldm.load(FILE, preset="embedded") reads.
+stage 1 the autoencoder (f=8, 4 latent channels, L1 + L2 + edge + KL), stage 2 the CLIP text encoder
+(pre-trained to parse captions into their scenes: background, and colour, kind and size per grid
+cell), stage 3 the UNet under the frozen text encoder (eps objective with min-SNR weighting, AdamW,
+warm-up, 10% caption dropout, EMA, gradient clipping). Then the EMA weights are exported in fp16 as
+one SD 1 single file, which `openldm txt2img --ckpt FILE` or openldm.load(FILE) reads.
 
-Files in --out: vae/ and diffusion/ each hold checkpoint.pt (resumable) and log.jsonl (the losses);
-vae/reconstructions.png (originals above reconstructions), diffusion/samples.png (previews: Euler,
-25 steps, guidance 7.5), diffusion/latents.pt (the encoded images) and report.json (times, errors).
+Files in --out: vae/, text/ and diffusion/ each hold checkpoint.pt (resumable) and log.jsonl (the
+losses); vae/reconstructions.png (originals above reconstructions), diffusion/samples.png (previews:
+Euler, 25 steps, guidance 7.5), diffusion/latents.pt (the encoded images) and report.json (times,
+reconstruction errors, the text encoder's parsing accuracy).
 """
 EPILOG = """\
 examples:
@@ -62,7 +64,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--minutes",
         type=float,
         help="wall-time budget of this invocation, shared between the stages in the recipe's "
-        "proportions; a stage that runs out stops with a checkpoint (default: the recipe's, 54 in all)",
+        "proportions; a stage that runs out stops with a checkpoint (default: the recipe's, 58 in all)",
     )
     parser.add_argument("--steps", type=int, help="steps of each stage run (default: the recipe's)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")

@@ -38,6 +38,7 @@ from openldm.train.data import (
 )
 from openldm.train.loop import LoopConfig, LoopResult, load_ema_weights, train_loop
 from openldm.train.losses import diffusion_loss
+from openldm.train.text_encoder import init_text_weights
 
 log = logging.getLogger("openldm")
 CACHE = "latents.pt"
@@ -57,6 +58,9 @@ class DiffusionRecipe:
     cache_size: int = 20_000  # images encoded once and drawn from for the whole stage
     caption_dropout: float = CAPTION_DROPOUT
     min_snr_gamma: float | None = None  # min-SNR loss weighting (losses.min_snr_weights); None: plain MSE
+    # True: the text encoder comes pre-trained (train/text_encoder.py) and stays frozen, as in Stable
+    # Diffusion; False: it is trained from scratch together with the UNet.
+    frozen_text: bool = False
     dataset_seed: int = 0
     seed: int = 0
 
@@ -71,12 +75,10 @@ class TextToImage(nn.Module):
 
 
 def init_weights(model: TextToImage) -> None:
-    """The reference initialisation where the modules' own differs: CLIP's token (std 0.02) and position
-    (std 0.01) embeddings, and zero output projections of the UNet's transformers (each starts as the
-    identity). Small token embeddings also keep words never seen in training from disturbing a prompt."""
-    embeddings = model.text.text_model.embeddings
-    nn.init.normal_(embeddings.token_embedding.weight, std=0.02)
-    nn.init.normal_(embeddings.position_embedding.weight, std=0.01)
+    """The reference initialisation where the modules' own differs: CLIP's embeddings
+    (:func:`init_text_weights`), and zero output projections of the UNet's transformers (each starts as
+    the identity)."""
+    init_text_weights(model.text)
     for name, module in model.unet.named_modules():
         if name.endswith("proj_out") and isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.zeros_(module.weight)
@@ -127,12 +129,18 @@ def train_diffusion(
     vae: AutoencoderKL,
     out_dir: str | Path,
     *,
+    text: CLIPTextEncoder | None = None,
     resume: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> tuple[TextToImage, float, LoopResult]:
-    """Train (or resume) the UNet and text encoder; return them with the EMA weights, the latent scale
-    factor and the loop's result."""
+    """Train (or resume) the UNet, and the text encoder unless ``recipe.frozen_text``; return them with
+    the EMA weights, the latent scale factor and the loop's result.
+
+    With ``recipe.frozen_text``, ``text`` is the pre-trained encoder; its weights are copied in and frozen.
+    """
+    if recipe.frozen_text != (text is not None):
+        raise ValueError("pass the pre-trained text encoder exactly when recipe.frozen_text is set")
     out = Path(out_dir)
     tokenizer = CLIPTokenizer.for_config(recipe.text)
     cache = load_or_build_cache(recipe, vae, tokenizer, out)
@@ -141,6 +149,9 @@ def train_diffusion(
     torch.manual_seed(recipe.seed)
     model = TextToImage(recipe.unet, recipe.text)
     init_weights(model)
+    if text is not None:
+        model.text.load_state_dict(text.state_dict())
+        model.text.requires_grad_(False)
     model = channels_last(model.to(device), device)
     schedule = NoiseSchedule(recipe.schedule)
     empty = tokenizer("")[0]
@@ -154,7 +165,8 @@ def train_diffusion(
             recipe.caption_dropout,
             step_generator(recipe.seed, STREAM_DROPOUT, step),
         )
-        context = model.text(ids.to(device))
+        with torch.set_grad_enabled(not recipe.frozen_text):
+            context = model.text(ids.to(device))
         x0 = z.to(device).contiguous(memory_format=torch.channels_last)
         noise_generator = step_generator(recipe.seed, STREAM_NOISE, step)
         loss = diffusion_loss(

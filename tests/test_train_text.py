@@ -1,0 +1,135 @@
+"""The text encoder's pre-training (caption parsing) and its frozen use in the diffusion stage."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from openldm.config import TextConfig, UNetConfig, VAEConfig
+from openldm.nn.vae import AutoencoderKL
+from openldm.shapes.render import Scene, ShapeObject
+from openldm.tokenizer import CLIPTokenizer
+from openldm.train.diffusion import DiffusionRecipe, train_diffusion
+from openldm.train.loop import LoopConfig
+from openldm.train.text_encoder import (
+    CaptionParser,
+    TextRecipe,
+    caption_pool,
+    load_text_encoder,
+    parse_accuracy,
+    parse_loss,
+    reading_positions,
+    scene_targets,
+    train_text_encoder,
+)
+
+TEXT = TextConfig(width=32, layers=1, heads=1, mlp_width=64)
+TEXT64 = TextConfig(width=64, layers=1, heads=1, mlp_width=64)  # loadable: CLIP heads are 64 wide
+EOS = 49407
+
+
+def test_scene_targets_place_each_object_in_its_cell():
+    scene = Scene(
+        background="white",
+        objects=(
+            ShapeObject(kind="triangle", colour="green", size="large", position="top right"),
+            ShapeObject(kind="circle", colour="red", size="small", position="bottom left"),
+        ),
+    )
+    targets = scene_targets(scene).tolist()
+    # background white is BACKGROUNDS[8]; cells top right = 2, bottom left = 6; classes shifted by empty=0
+    assert targets[0] == 8
+    assert targets[1:10] == [0, 0, 4, 0, 0, 0, 1, 0, 0]  # green = COLOURS[3], red = COLOURS[0]
+    assert targets[10:19] == [0, 0, 3, 0, 0, 0, 1, 0, 0]  # triangle = KINDS[2], circle = KINDS[0]
+    assert targets[19:28] == [0, 0, 3, 0, 0, 0, 1, 0, 0]  # large = 3, small = 1
+
+
+def test_reading_positions_start_at_the_first_end_token():
+    ids = torch.tensor([[EOS - 1, 5, EOS, EOS], [EOS - 1, 5, 6, EOS]])
+    expected = [[False, False, True, True], [False, False, False, True]]
+    assert reading_positions(ids, EOS).tolist() == expected
+
+
+def test_parse_loss_of_a_blank_head_is_the_uniform_cross_entropy():
+    torch.manual_seed(0)
+    parser = CaptionParser(TEXT)
+    nn.init.zeros_(parser.head.weight)
+    nn.init.zeros_(parser.head.bias)
+    ids, targets = caption_pool(0, 6, CLIPTokenizer.for_config(TEXT))
+    loss, parts = parse_loss(parser, ids, targets, EOS)
+    expected = math.log(10) + math.log(9) + math.log(5) + 0.5 * math.log(4)
+    assert abs(loss.item() - expected) < 1e-5
+    assert abs(parts["size"] - 0.5 * math.log(4)) < 1e-5
+
+
+def test_the_parser_learns_to_read_the_background(tmp_path):
+    loop = LoopConfig(steps=60, lr=3e-3, warmup_steps=5, log_every=10, checkpoint_every=1000)
+    recipe = TextRecipe(text=TEXT, loop=loop, batch_size=32, pool_size=400)
+    parser, result = train_text_encoder(recipe, tmp_path, progress=False)
+    captions = [
+        f"a red circle in the centre on a {c} background" for c in ("blue", "white", "green", "black")
+    ]
+    scenes = [
+        Scene(
+            background=c,
+            objects=(ShapeObject(kind="circle", colour="red", size="medium", position="centre"),),
+        )
+        for c in ("blue", "white", "green", "black")
+    ]
+    assert result.finished
+    assert parse_accuracy(parser, captions, scenes)["background"] == 100.0
+
+
+def test_a_frozen_text_encoder_stays_as_given(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)).eval().requires_grad_(False)
+    unet = UNetConfig(
+        model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,), context_dim=32
+    )
+    loop = LoopConfig(steps=3, lr=1e-2, warmup_steps=1, checkpoint_every=1000)
+    recipe = DiffusionRecipe(
+        unet=unet, text=TEXT, loop=loop, image_size=24, batch_size=2, cache_size=2, frozen_text=True
+    )
+    text = CaptionParser(TEXT).text
+    model, _, _ = train_diffusion(recipe, vae, tmp_path, text=text, progress=False)
+    for (name, given), trained in zip(
+        text.state_dict().items(), model.text.state_dict().values(), strict=True
+    ):
+        assert torch.equal(given, trained), name
+    assert not any(p.requires_grad for p in model.text.parameters())
+
+
+def test_three_stages_train_and_export_a_loadable_file(tmp_path):
+    """``train_embedded`` on a tiny recipe: autoencoder, text encoder, diffusion, export, load."""
+    import openldm
+    from openldm.config import ModelSpec
+    from openldm.train.autoencoder import AutoencoderRecipe
+    from openldm.train.embedded import Recipe, train_embedded
+
+    vae = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+    unet = UNetConfig(
+        model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,), context_dim=64
+    )
+    spec = ModelSpec("tiny", "sd1", unet, vae, TEXT64, image_size=24)
+    loop = LoopConfig(steps=2, lr=1e-3, warmup_steps=1, checkpoint_every=1000)
+    recipe = Recipe(
+        spec,
+        AutoencoderRecipe(vae=vae, loop=loop, image_size=24, batch_size=2, dataset_length=4),
+        TextRecipe(text=TEXT64, loop=loop, batch_size=4, pool_size=8),
+        DiffusionRecipe(
+            unet=unet, text=TEXT64, loop=loop, image_size=24, batch_size=2, cache_size=4, frozen_text=True
+        ),
+    )
+    path = tmp_path / "model.safetensors"
+    report = train_embedded(recipe, tmp_path / "run", export_path=path, progress=False)
+    assert report["text"]["steps"] == 2 and set(report["text"]["seen"]) == {"background", "colour", "kind"}
+    assert report["diffusion"]["steps"] == 2 and report["export"]["bytes"] == path.stat().st_size
+    text = load_text_encoder(TEXT64, tmp_path / "run" / "text")
+    loaded = openldm.load(path)
+    expected = text.state_dict()["text_model.embeddings.token_embedding.weight"].half()
+    assert torch.equal(
+        loaded.text_encoder.state_dict()["text_model.embeddings.token_embedding.weight"].half(), expected
+    )
+    assert loaded.spec.unet == unet and loaded.spec.text == TEXT64
