@@ -445,7 +445,7 @@ def test_command_bad_input(monkeypatch, folder, single_files, init_image, tmp_pa
         ([*init, "--ckpt", str(single_files["plain"])], "--depth-map"),
         ([*init, "--ckpt", str(folder), "--depth-map", str(tmp_path / "init.png"), "--H", "60"], "--H"),
         ([*init, "--ckpt", str(folder), "--sampler", "nope"], "unknown sampler"),
-        (init, "--ckpt"),
+        (init, "--depth-map"),  # the embedded depth variant carries no estimator
         (["--ckpt", str(folder)], "--init-img"),
     ]
     for args, message in cases:
