@@ -35,12 +35,14 @@ reconstruction errors, the text encoder's parsing accuracy).
 """
 EPILOG = """\
 examples:
-  # the documented command that made openldm/data/embedded.safetensors (under 60 minutes, 2 CPU cores)
-  openldm train --out runs/embedded --threads 1 --export openldm/data/embedded.safetensors
+  # the documented command that made openldm/data/embedded.safetensors (54 minutes on 2 CPU cores)
+  openldm train --out runs/embedded --export openldm/data/embedded.safetensors
   # a quick try: 50 steps per stage
   openldm train --out /tmp/try --steps 50
   # continue an interrupted run
-  openldm train --out runs/embedded --threads 1 --resume --export openldm/data/embedded.safetensors
+  openldm train --out runs/embedded --resume --export openldm/data/embedded.safetensors
+  # one stage at a time (each reads the earlier stages' checkpoints in --out)
+  openldm train --out runs/embedded --stage text
   # the inpainting and depth variants (UNet-only files, resumed from the packaged base model)
   openldm train --out runs/embedded-inpaint --stage inpaint --threads 1
   openldm train --out runs/embedded-depth --stage depth --threads 1

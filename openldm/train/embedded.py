@@ -76,7 +76,7 @@ def embedded_recipe() -> Recipe:
 
     Budgeted for 2 CPU cores in under 60 minutes (about 0.45 s per autoencoder step of 4 images, 0.2 s
     per text step of 64 captions and 0.4 s per diffusion step of 32 latents): 15 minutes of
-    autoencoder, 10 of text encoder, a few to encode the latent cache, 27 of diffusion. The step counts
+    autoencoder, 10 of text encoder, one to encode the latent cache, 28 of diffusion. The step counts
     are what fits; ``minutes`` caps each stage.
     """
     spec = preset("embedded")
