@@ -177,6 +177,8 @@ def train_embedded(
             log.warning(
                 "vae: stopped by the time limit at step %d; going on with its EMA weights", result.step
             )
+    if "text" in stages and not recipe.diffusion.frozen_text:
+        log.info("text: no stage of its own; this recipe trains the text encoder with the UNet")
     if "text" in stages and recipe.diffusion.frozen_text:
         start = time.perf_counter()
         parser, result = train_text_encoder(

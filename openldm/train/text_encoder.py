@@ -76,7 +76,7 @@ def split_targets(targets: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def caption_pool(seed: int, n: int, tokenizer: CLIPTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``[n, 77]`` of ``n`` training captions and their scenes' targets ``[n, len(GROUPS)]``."""
+    """Token ids ``[n, 77]`` of ``n`` training captions and their scenes' targets ``[n, 28]``."""
     captions, targets = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i, TEXT_STREAM])
@@ -86,10 +86,15 @@ def caption_pool(seed: int, n: int, tokenizer: CLIPTokenizer) -> tuple[torch.Ten
     return tokenizer(captions), torch.stack(targets)
 
 
+def first_end_token(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """``[B]``: the position of each row's first end token."""
+    return (ids == eos).int().argmax(dim=1)
+
+
 def reading_positions(ids: torch.Tensor, eos: int) -> torch.Tensor:
     """Bool ``[B, L]``: the first end token and every position after it."""
-    first = (ids == eos).int().argmax(dim=1, keepdim=True)
-    return torch.arange(ids.shape[1])[None, :] >= first
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    return positions[None, :] >= first_end_token(ids, eos)[:, None]
 
 
 class CaptionParser(nn.Module):
@@ -130,8 +135,7 @@ def parse_accuracy(parser: CaptionParser, captions: list[str], scenes: list[Scen
     """Percent read right at the end token: the background, and colour and kind of the occupied cells."""
     tokenizer = CLIPTokenizer.for_config(parser.text.config)
     ids = tokenizer(captions)
-    first = (ids == tokenizer.end_token_id).int().argmax(dim=1)
-    hidden = parser.text(ids)[torch.arange(len(ids)), first]
+    hidden = parser.text(ids)[torch.arange(len(ids)), first_end_token(ids, tokenizer.end_token_id)]
     predicted = {name: logits.argmax(-1) for name, logits in parser.read(hidden).items()}
     wanted = split_targets(torch.stack([scene_targets(s) for s in scenes]))
     occupied = wanted["colour"] > 0
