@@ -23,9 +23,12 @@ from openldm.checkpoints.formats.clip import (
     text_from_transformers,
     text_to_open_clip,
 )
+from openldm.checkpoints.formats.clip_vision import vision_config_to_transformers
 from openldm.checkpoints.formats.unet import unet_config_to_diffusers, unet_from_diffusers
 from openldm.checkpoints.formats.vae import vae_config_to_diffusers, vae_from_diffusers
 from openldm.config import ModelSpec, TextConfig, UNetConfig, VAEConfig
+from openldm.nn.clip_vision import VisionConfig
+from openldm.nn.midas import MiDaSConfig
 from openldm.tokenizer import packaged_vocab
 
 StateDict = dict[str, torch.Tensor]
@@ -163,6 +166,48 @@ def text_oracle(config: TextConfig) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     return randomize_(transformers.CLIPTextModel(hf_config), seed_of(config))
+
+
+def vision_oracle(config: VisionConfig, seed: int = 11) -> torch.nn.Module:
+    """transformers' ``CLIPVisionModelWithProjection`` with ``config``'s sizes and random weights."""
+    import transformers
+
+    hf_config = transformers.CLIPVisionConfig(
+        **vision_config_to_transformers(config), attn_implementation="eager"
+    )
+    torch.manual_seed(0)
+    return randomize_(transformers.CLIPVisionModelWithProjection(hf_config), seed)
+
+
+def dpt_hybrid_config(c: MiDaSConfig, image_size: int) -> Any:
+    """transformers' DPT-hybrid config with ``c``'s sizes (timm's LayerNorm eps and exact GELU)."""
+    import transformers
+
+    return transformers.DPTConfig(
+        is_hybrid=True,
+        hidden_size=c.width,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        intermediate_size=c.mlp_width,
+        image_size=image_size,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        backbone_out_indices=[0, 1, *c.hooks],
+        neck_hidden_sizes=list(c.reassembled),
+        fusion_hidden_size=c.features,
+        reassemble_factors=[1, 1, 1, 0.5],
+        backbone_featmap_shape=[1, c.stage_widths[-1], image_size // 16, image_size // 16],
+        backbone_config={
+            "global_padding": "same",
+            "layer_type": "bottleneck",
+            "depths": list(c.stage_depths),
+            "out_features": ["stage1", "stage2", "stage3"],
+            "embedding_dynamic_padding": True,
+            "hidden_sizes": list(c.stage_widths),
+            "embedding_size": c.stem_width,
+            "num_groups": c.num_groups,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -303,6 +348,30 @@ def write_diffusers_folder(
         )
     for name, (filename, tensors) in diffusers_extras(variant).items():
         _save(tensors, folder / name / filename)
+
+
+def write_unclip_extras(
+    folder: Path, encoder: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor, image_size: int
+) -> None:
+    """A real image encoder, normalizer, noising scheduler and feature extractor (over the placeholders)."""
+    import diffusers
+    import transformers
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+        StableUnCLIPImageNormalizer,
+    )
+
+    _save_quietly(encoder, folder / "image_encoder")
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=mean.shape[-1])
+    with torch.no_grad():
+        normalizer.mean.copy_(mean)
+        normalizer.std.copy_(std)
+    normalizer.save_pretrained(folder / "image_normalizer")
+    diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(
+        folder / "image_noising_scheduler"
+    )
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder / "feature_extractor")
 
 
 def diffusers_extras(variant: str) -> dict[str, tuple[str, StateDict]]:

@@ -193,7 +193,7 @@ def test_help_teaches(capsys) -> None:
 
 def test_subprocess_bad_input(tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "openldm.cli", "txt2img", "--H", "65", "--ckpt", "x.safetensors"],
+        [sys.executable, "-m", "openldm", "txt2img", "--H", "65", "--ckpt", "x.safetensors"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

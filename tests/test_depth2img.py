@@ -33,6 +33,7 @@ from openldm.sampling.samplers import SAMPLERS
 from tests.helpers import assert_close_rel
 from tests.oracles import (
     Oracles,
+    dpt_hybrid_config,
     pad_token,
     randomize_,
     single_file_state_dict,
@@ -268,38 +269,9 @@ def test_map_from_npy_equals_array(model, init_image, tmp_path) -> None:
 # --- the estimator -----------------------------------------------------------------------------
 
 
-def _hf_dpt_config(c: MiDaSConfig, image_size: int) -> Any:
-    """transformers' DPT-hybrid config with ``c``'s sizes (timm's LayerNorm eps and exact GELU)."""
-    return transformers.DPTConfig(
-        is_hybrid=True,
-        hidden_size=c.width,
-        num_hidden_layers=c.layers,
-        num_attention_heads=c.heads,
-        intermediate_size=c.mlp_width,
-        image_size=image_size,
-        layer_norm_eps=1e-6,
-        hidden_act="gelu",
-        backbone_out_indices=[0, 1, *c.hooks],
-        neck_hidden_sizes=list(c.reassembled),
-        fusion_hidden_size=c.features,
-        reassemble_factors=[1, 1, 1, 0.5],
-        backbone_featmap_shape=[1, c.stage_widths[-1], image_size // 16, image_size // 16],
-        backbone_config={
-            "global_padding": "same",
-            "layer_type": "bottleneck",
-            "depths": list(c.stage_depths),
-            "out_features": ["stage1", "stage2", "stage3"],
-            "embedding_dynamic_padding": True,
-            "hidden_sizes": list(c.stage_widths),
-            "embedding_size": c.stem_width,
-            "num_groups": c.num_groups,
-        },
-    )
-
-
 def test_estimator_matches_transformers_dpt_hybrid() -> None:
     torch.manual_seed(0)
-    hf = randomize_(transformers.DPTForDepthEstimation(_hf_dpt_config(TINY_MIDAS, 64)), 3)
+    hf = randomize_(transformers.DPTForDepthEstimation(dpt_hybrid_config(TINY_MIDAS, 64)), 3)
     ours = load_midas(midas_from_transformers(hf.state_dict()))
     assert ours.config == MiDaSConfig(**{**TINY_MIDAS.__dict__, "num_classes": 0})
     x = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1).clamp(-1, 1)
@@ -319,7 +291,7 @@ def test_real_dpt_hybrid_keys_and_shapes() -> None:
     """The released dpt_hybrid's layout (the reference's names) is what transformers' converter expects."""
     with torch.device("meta"):
         ours = MiDaSDepthEstimator(MiDaSConfig()).state_dict()
-        hf = transformers.DPTForDepthEstimation(_hf_dpt_config(MiDaSConfig(), 384)).state_dict()
+        hf = transformers.DPTForDepthEstimation(dpt_hybrid_config(MiDaSConfig(), 384)).state_dict()
     converted = midas_from_transformers(hf)
     head = {"model.pretrained.model.head.weight", "model.pretrained.model.head.bias"}
     assert set(ours) - head == set(converted)

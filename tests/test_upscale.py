@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import openldm
 from openldm import cli
+from openldm.checkpoints.errors import UnknownArchitectureError
 from openldm.checkpoints.load import StableDiffusion
 from openldm.images import read_parameters
 from openldm.nn.clip import CLIPTextEncoder
@@ -30,6 +32,7 @@ from openldm.tokenizer import CLIPTokenizer
 from tests.oracles import (
     Oracles,
     pad_token,
+    reference_yaml,
     single_file_state_dict,
     text_oracle,
     unet_oracle,
@@ -396,3 +399,36 @@ def test_command_bad_image_and_checkpoint(folder, tmp_path, capsys, monkeypatch)
     assert "cannot read" in capsys.readouterr().err
     assert _main(["upscale", "--init-img", broken], monkeypatch) == 2
     assert "--ckpt" in capsys.readouterr().err
+
+
+def test_schedule_from_the_yaml_low_scale_config(tmp_path, oracles, model) -> None:
+    """A reference yaml's low_scale_config: its schedule for a file without buffers, its max level always."""
+    sd = single_file_state_dict("x4-upscaler", SPEC, oracles)
+    sd = {k: v for k, v in sd.items() if not k.startswith("low_scale_model.")}
+    path = tmp_path / "x4.safetensors"
+    write_single_file(path, sd)
+    config = reference_yaml(SPEC)
+    config["model"]["params"]["low_scale_config"] = {
+        "target": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
+        "params": {
+            "noise_schedule_config": {"linear_start": 0.0002, "linear_end": 0.03},
+            "max_noise_level": 300,
+        },
+    }
+    yaml_path = tmp_path / "x4-upscaling.yaml"
+    yaml_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    schedule = low_res_schedule(openldm.load(path, config=yaml_path))
+    assert (schedule.source, schedule.max_noise_level) == ("the yaml's low_scale_config", 300)
+    expected = _diffusers_alphas(beta_schedule="scaled_linear", beta_start=0.0002, beta_end=0.03)
+    assert torch.allclose(schedule.alphas_cumprod, expected, rtol=1e-6)
+    # The file's own buffers win over the yaml's schedule, not over its max level.
+    betas = torch.linspace(0.0001**0.5, 0.02**0.5, 1000, dtype=torch.float64) ** 2
+    write_single_file(path, {**sd, "low_scale_model.betas": betas.float()})
+    schedule = low_res_schedule(openldm.load(path, config=yaml_path))
+    assert (schedule.source, schedule.max_noise_level) == ("low_scale_model.betas", 300)
+    with pytest.raises(ValueError, match="from 0 to 300"):
+        upscale(openldm.load(path, config=yaml_path), PROMPT, Image.new("RGB", (16, 16)), noise_level=320)
+    config["model"]["params"]["low_scale_config"]["params"]["max_noise_level"] = "high"
+    yaml_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(UnknownArchitectureError, match="not a number"):
+        openldm.load(path, config=yaml_path)

@@ -9,7 +9,6 @@ Parity is measured in pixel space, [0, 1] floats; run with ``-s`` to see the err
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,6 @@ import openldm.cli
 from openldm.checkpoints.formats.clip_vision import (
     infer_vision_config,
     vision_config_from_transformers,
-    vision_config_to_transformers,
     vision_from_transformers,
     vision_to_transformers,
 )
@@ -35,13 +33,14 @@ from tests.helpers import assert_close_rel
 from tests.oracles import (
     Oracles,
     pad_token,
-    randomize_,
     single_file_state_dict,
     text_oracle,
     unet_oracle,
     vae_oracle,
+    vision_oracle,
     write_diffusers_folder,
     write_single_file,
+    write_unclip_extras,
 )
 from tests.tiny import TINY
 
@@ -67,14 +66,6 @@ def _single_thread():
     torch.set_num_threads(threads)
     for name, err in sorted(ERRORS.items()):
         print(f"{name}: {err:.2e}")
-
-
-def vision_oracle(config: VisionConfig, seed: int = 11) -> torch.nn.Module:
-    hf_config = transformers.CLIPVisionConfig(
-        **vision_config_to_transformers(config), attn_implementation="eager"
-    )
-    torch.manual_seed(0)
-    return randomize_(transformers.CLIPVisionModelWithProjection(hf_config), seed)
 
 
 def picture(width: int = 80, height: int = 56) -> Image.Image:
@@ -140,30 +131,6 @@ def test_cosine_schedule_matches_diffusers() -> None:
 # --- the pipeline ------------------------------------------------------------------------------
 
 
-def _write_extras(folder: Path, encoder: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """A real image encoder, normalizer, noising scheduler and feature extractor (over the placeholders)."""
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
-        StableUnCLIPImageNormalizer,
-    )
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    encoder.save_pretrained(folder / "image_encoder")
-    hf_logging.enable_progress_bar()
-    normalizer = StableUnCLIPImageNormalizer(embedding_dim=VISION.embed_dim)
-    with torch.no_grad():
-        normalizer.mean.copy_(mean)
-        normalizer.std.copy_(std)
-    normalizer.save_pretrained(folder / "image_normalizer")
-    diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(
-        folder / "image_noising_scheduler"
-    )
-    size = VISION.image_size
-    transformers.CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    ).save_pretrained(folder / "feature_extractor")
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("variations")
@@ -174,7 +141,7 @@ def setup(tmp_path_factory) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(3)
     mean = 0.3 * torch.randn(1, VISION.embed_dim, generator=gen)
     std = 0.5 + torch.rand(1, VISION.embed_dim, generator=gen)
-    _write_extras(folder, encoder, mean, std)
+    write_unclip_extras(folder, encoder, mean, std, VISION.image_size)
 
     # The same weights as an original single file.
     sd = {

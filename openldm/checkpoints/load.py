@@ -375,6 +375,7 @@ def _single_file_parts(
             yaml_params, unet_cfg, vae_cfg, text_cfg, config
         )
         parts_kwargs.update(yaml_kwargs)
+        extras |= _yaml_extras(yaml_params, config)
     if detection.text_layout == "open_clip":
         text_ours = _convert(path, "text encoder", clip.text_from_open_clip, text_sd, text_cfg)
     else:
@@ -466,6 +467,31 @@ def _apply_yaml(
     if "image_size" in params:
         extra["image_size"] = int(params["image_size"]) * vae_cfg.downsampling_factor
     return unet_cfg, vae_cfg, text_cfg, extra
+
+
+def _yaml_extras(params: Mapping[str, Any], path: str | os.PathLike[str]) -> dict[str, StateDict]:
+    """The x4 upscaler's ``low_scale_config`` (its low-res noise schedule and highest noise level) as
+    ``extras["low_scale_config"]``: numbers kept as 0-d tensors, read by :mod:`openldm.pipelines.upscale`."""
+    low_scale = params.get("low_scale_config", {}).get("params")
+    if not isinstance(low_scale, dict):
+        return {}
+    schedule = low_scale.get("noise_schedule_config", {})
+    numbers = {
+        "linear_start": schedule.get("linear_start"),
+        "linear_end": schedule.get("linear_end"),
+        "timesteps": schedule.get("timesteps"),
+        "max_noise_level": low_scale.get("max_noise_level"),
+    }
+    try:
+        return {
+            "low_scale_config": {
+                k: torch.tensor(float(v), dtype=torch.float64) for k, v in numbers.items() if v is not None
+            }
+        }
+    except (TypeError, ValueError) as e:
+        raise UnknownArchitectureError(
+            path, f"low_scale_config holds a value that is not a number ({e})", "Fix the yaml"
+        ) from e
 
 
 # --- diffusers folders and hub ids -------------------------------------------------------------

@@ -11,8 +11,11 @@ further from the input; the model was trained with levels 0 to ``max_noise_level
 The low-res schedule comes from, in order: the checkpoint's own ``low_scale_model.alphas_cumprod``
 (or ``.betas``) buffers (original single files); a diffusers folder's
 ``low_res_scheduler/scheduler_config.json`` (read as diffusers reads it, its ``DDPMScheduler``
-defaults included) and ``model_index.json``'s ``max_noise_level``; else the reference config's
-(``x4-upscaling.yaml``): betas from 1e-4 to 0.02 linear in sqrt space, 1000 levels, at most 350.
+defaults included) and ``model_index.json``'s ``max_noise_level``; the ``low_scale_config`` of a yaml
+given to ``openldm.load(..., config=)``; else the reference config's (``x4-upscaling.yaml``): betas
+from 1e-4 to 0.02 linear in sqrt space, 1000 levels, at most 350. A yaml's ``max_noise_level`` holds
+for a single file's buffers too (the reference builds the augmentation from the yaml, then loads the
+buffers over it).
 
 Seeds: from one CPU generator the run draws the low-res noise [1, 3, h, w] (shared by the batch)
 and then the starting latents [n, 4, h, w], per repeat, as diffusers' ``StableDiffusionUpscalePipeline``
@@ -157,18 +160,27 @@ def _folder_schedule(folder: Path) -> LowResSchedule | None:
 def low_res_schedule(model: StableDiffusion) -> LowResSchedule:
     """The low-res augmentation schedule of ``model`` (see the module docstring for the order)."""
     buffers = model.extras.get("low_scale_model", {})
+    config = model.extras.get("low_scale_config", {})  # a reference yaml's, given to load()
+    max_level = int(config["max_noise_level"]) if "max_noise_level" in config else REFERENCE_MAX_NOISE_LEVEL
+    # As in the reference, the checkpoint's buffers win over the yaml's schedule (not its max level).
     if "alphas_cumprod" in buffers:
         ac = _checked(buffers["alphas_cumprod"], "low_scale_model.alphas_cumprod")
-        return LowResSchedule(ac, REFERENCE_MAX_NOISE_LEVEL, "low_scale_model.alphas_cumprod")
+        return LowResSchedule(ac, max_level, "low_scale_model.alphas_cumprod")
     if "betas" in buffers:
         ac = _checked(_from_betas(buffers["betas"].double()), "low_scale_model.betas")
-        return LowResSchedule(ac, REFERENCE_MAX_NOISE_LEVEL, "low_scale_model.betas")
+        return LowResSchedule(ac, max_level, "low_scale_model.betas")
     source = Path(model.source) if model.source else None
     if source is not None and source.is_dir() and (schedule := _folder_schedule(source)) is not None:
         return schedule
     start, end, count = REFERENCE_BETAS
+    if config:
+        start = float(config.get("linear_start", start))
+        end = float(config.get("linear_end", end))
+        count = int(config.get("timesteps", count))
+        ac = _checked(_from_betas(_betas("scaled_linear", start, end, count)), "the yaml's low_scale_config")
+        return LowResSchedule(ac, max_level, "the yaml's low_scale_config")
     ac = _from_betas(_betas("scaled_linear", start, end, count))
-    return LowResSchedule(ac, REFERENCE_MAX_NOISE_LEVEL, "the reference config")
+    return LowResSchedule(ac, max_level, "the reference config")
 
 
 # --- checks and inputs -------------------------------------------------------------------------

@@ -414,6 +414,7 @@ class VariantRecipe:
     masks_per_image: int = 2  # inpainting; a depth map is one per image
     mask_mix: MaskMix = DEFAULT_MIX
     caption_dropout: float = CAPTION_DROPOUT
+    min_snr_gamma: float | None = None  # None: plain MSE
     dataset_seed: int = 0
     seed: int = 0
 
@@ -537,7 +538,10 @@ def train_variant(
         x0 = x0.to(device).contiguous(memory_format=torch.channels_last)
         conditioned = ConcatInput(unet, extra.to(device))
         noise = step_generator(seed, STREAM_NOISE, step)
-        return diffusion_loss(conditioned, schedule, x0, context, model.spec.prediction_type, noise), {}
+        loss = diffusion_loss(
+            conditioned, schedule, x0, context, model.spec.prediction_type, noise, recipe.min_snr_gamma
+        )
+        return loss, {}
 
     result = train_loop(unet, loss_fn, recipe.loop, out, resume=resume, desc=recipe.kind, progress=progress)
     load_ema_weights(out, unet)
