@@ -358,3 +358,55 @@ def test_eval_guidance_sweep(tmp_path, capsys) -> None:
 def test_eval_bad_input(argv, message, capsys) -> None:
     code, out, err = run(capsys, "eval", *argv)
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+# --- the packaged inpainting and depth variants (issue 5) ----------------------------------------
+
+VARIANT_N = 24
+# What the packaged variants score on these 24 scenes (measured when their weights landed), minus 5
+# to 10 points (the sets are small): a regression guard. Percent; kept_error in levels 0..255 (a ceiling).
+VARIANT_FLOORS = {
+    "inpaint": {"repainted": 65, "position": 90, "kept_shapes": 25, "kept_error": 9},  # 75, 100, 31.8, 7.1
+    "depth": {"colour": 75, "position": 75, "count": 48, "order_found": 62},  # 82.6, 82.6, 56.8, 76.2
+}
+
+
+def variant_scores(kind: str) -> dict[str, float]:
+    """``kind``'s packaged variant on VARIANT_N evaluation scenes (DDIM, 25 steps, guidance 7.5)."""
+    from openldm.pipelines.depth2img import depth2img
+    from openldm.pipelines.inpaint import inpaint
+    from openldm.shapes.render import PALETTE
+    from openldm.shapes.variant_fidelity import depth_cases, inpaint_cases, score_depth, score_inpaint
+
+    model = openldm.load(embedded.variant_file(kind), dtype=torch.float32)
+    options = {"steps": 25, "guidance_scale": 7.5, "progress": False}
+    if kind == "inpaint":
+        cases = inpaint_cases(0, VARIANT_N, 64)
+        images = [
+            inpaint(model, c.caption, c.init, c.mask, seed=i, **options).images[0]
+            for i, c in enumerate(cases)
+        ]
+        return score_inpaint(images, cases)
+    scenes = depth_cases(0, VARIANT_N, 64)
+    images = [
+        depth2img(
+            model, text, Image.new("RGB", (64, 64), PALETTE[scene.background]), depth_map=depth,
+            strength=1.0, seed=i, **options,
+        ).images[0]
+        for i, (text, scene, depth) in enumerate(scenes)
+    ]  # fmt: skip
+    return score_depth(images, [scene for _, scene, _ in scenes])
+
+
+@needs_weights
+@pytest.mark.parametrize("kind", ["inpaint", "depth"])
+def test_fidelity_of_the_packaged_variants(kind) -> None:
+    scores = variant_scores(kind)
+    low = [
+        f"{name} {100 * scores[name]:.1f} < {floor}"
+        for name, floor in VARIANT_FLOORS[kind].items()
+        if name != "kept_error" and 100 * scores[name] < floor
+    ]
+    if scores.get("kept_error", 0.0) > VARIANT_FLOORS[kind].get("kept_error", 255):
+        low.append(f"kept_error {scores['kept_error']:.1f} > {VARIANT_FLOORS[kind]['kept_error']}")
+    assert not low, "; ".join(low)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # A plain text-to-image model inpaints too (by latent blending).
 TASK_VARIANTS = {"inpaint": ("inpaint", "sd1", "sd2"), "depth": ("depth",)}
 INPAINT_COLUMNS = ("repainted", "colour", "kind", "position", "kept_shapes", "kept_error")
-DEPTH_COLUMNS = ("colour", "kind", "position", "count", "order")
+DEPTH_COLUMNS = ("colour", "kind", "position", "count", "order", "order_found")
 
 
 def _load(args: argparse.Namespace) -> tuple[StableDiffusion, str]:

@@ -99,9 +99,10 @@ def _side(detection: Detection) -> float:
 def score_depth(outputs: Sequence[Image.Image], scenes: Sequence[Scene]) -> dict[str, float]:
     """:func:`openldm.shapes.evaluate.evaluate`'s accuracies plus ``order``: over pairs of shapes of
     different size classes (hence depths), the fraction drawn with the nearer one larger (an undetected
-    shape breaks its pairs); ``pairs`` counts them."""
+    shape breaks its pairs); ``pairs`` counts them. ``order_found``: the same fraction over the pairs
+    whose two shapes were both found (``found_pairs``), the ordering apart from the detection."""
     result = evaluate(outputs, scenes)
-    ordered, pairs = 0, 0
+    ordered, pairs, found = 0, 0, 0
     for output, scene in zip(outputs, scenes, strict=True):
         matched = match(scene, detect_objects(output))
         for (a, da), (b, db) in itertools.combinations(zip(scene.objects, matched, strict=True), 2):
@@ -109,7 +110,10 @@ def score_depth(outputs: Sequence[Image.Image], scenes: Sequence[Scene]) -> dict
                 continue
             pairs += 1
             if da is not None and db is not None:
+                found += 1
                 ordered += (_side(da) > _side(db)) == (a.depth > b.depth)
     result["order"] = ordered / pairs if pairs else 1.0
     result["pairs"] = float(pairs)
+    result["order_found"] = ordered / found if found else 1.0
+    result["found_pairs"] = float(found)
     return result

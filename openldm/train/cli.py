@@ -43,7 +43,8 @@ examples:
   openldm train --out runs/embedded --resume --export openldm/data/embedded.safetensors
   # one stage at a time (each reads the earlier stages' checkpoints in --out)
   openldm train --out runs/embedded --stage text
-  # the inpainting and depth variants (UNet-only files, resumed from the packaged base model)
+  # the inpainting and depth variants (UNet-only files resumed from the packaged base model;
+  # about 15 minutes each, side by side on 2 cores)
   openldm train --out runs/embedded-inpaint --stage inpaint --threads 1
   openldm train --out runs/embedded-depth --stage depth --threads 1
 """
