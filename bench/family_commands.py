@@ -18,6 +18,8 @@ weights are the same, so the images must agree (up to float rounding).
 | upscale    | x4-upscaler     | 128x128 image          | 512x512 | noise level 20            |
 | variations | sd21-unclip-h   | 512x512 image          | 768x768 | ViT-H/14 image tower      |
 
+(``--only variations-l``: the same command on SD 2.1 unCLIP-L, OpenAI's ViT-L/14 image tower.)
+
 The yamls are openldm's rendering of each model's reference config (``tests/oracles.py``), or the
 reference's own files with ``--yaml-dir`` (a checkout's ``configs/stable-diffusion``:
 v2-inpainting-inference.yaml, v2-midas-inference.yaml, x4-upscaling.yaml,
@@ -78,18 +80,30 @@ PROMPT = "a photograph of a red brick house by a lake"
 
 @dataclass(frozen=True)
 class Case:
+    command: str
     preset: str
     variant: str  # key of tests.oracles.PIPELINES
     reference_yaml: str  # its file name in the reference's configs/stable-diffusion
     input_size: int  # pixels per side of the input image
+    vision: VisionConfig | None = None  # unCLIP's image tower
 
 
+# OpenAI's CLIP ViT-L/14 image tower (SD 2.1 unCLIP-L); the default VisionConfig is OpenCLIP's ViT-H/14.
+VIT_L = VisionConfig(
+    width=1024, layers=24, heads=16, mlp_width=4096, patch_size=14, embed_dim=768, activation="quick_gelu"
+)
 CASES: dict[str, Case] = {
-    "inpaint": Case("sd2-inpaint", "inpaint", "v2-inpainting-inference.yaml", 512),
-    "depth2img": Case("sd2-depth", "depth", "v2-midas-inference.yaml", 512),
-    "upscale": Case("x4-upscaler", "x4-upscaler", "x4-upscaling.yaml", 128),
-    "variations": Case("sd21-unclip-h", "unclip", "v2-1-stable-unclip-h-inference.yaml", 512),
+    "inpaint": Case("inpaint", "sd2-inpaint", "inpaint", "v2-inpainting-inference.yaml", 512),
+    "depth2img": Case("depth2img", "sd2-depth", "depth", "v2-midas-inference.yaml", 512),
+    "upscale": Case("upscale", "x4-upscaler", "x4-upscaler", "x4-upscaling.yaml", 128),
+    "variations": Case(
+        "variations", "sd21-unclip-h", "unclip", "v2-1-stable-unclip-h-inference.yaml", 512, VisionConfig()
+    ),
+    "variations-l": Case(
+        "variations", "sd21-unclip-l", "unclip", "v2-1-stable-unclip-l-inference.yaml", 512, VIT_L
+    ),
 }
+DEFAULT_CASES = ("inpaint", "depth2img", "upscale", "variations")
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -148,11 +162,9 @@ def _upscale_extras() -> StateDict:
     }
 
 
-def _unclip_extras(folder: Path, spec: ModelSpec, tiny: bool) -> StateDict:
-    """A random ViT-H/14 and embedding statistics in the folder; the same as embedder / noise_augmentor."""
-    vision = dataclasses.replace(
-        TINY_VISION if tiny else VisionConfig(), embed_dim=spec.unet.adm_in_channels // 2
-    )
+def _unclip_extras(folder: Path, spec: ModelSpec, tiny: bool, vision: VisionConfig) -> StateDict:
+    """A random image tower and embedding statistics in the folder; the same as embedder / noise_augmentor."""
+    vision = dataclasses.replace(TINY_VISION if tiny else vision, embed_dim=spec.unet.adm_in_channels // 2)
     encoder = vision_oracle(vision)
     gen = torch.Generator().manual_seed(3)
     mean = 0.3 * torch.randn(1, vision.embed_dim, generator=gen)
@@ -171,19 +183,24 @@ def _unclip_extras(folder: Path, spec: ModelSpec, tiny: bool) -> StateDict:
     }
 
 
-EXTRAS: dict[str, Callable[[Path, ModelSpec, bool], StateDict]] = {
-    "depth": lambda folder, spec, tiny: _depth_extras(folder, tiny),
-    "x4-upscaler": lambda folder, spec, tiny: _upscale_extras(),
-    "unclip": _unclip_extras,
+EXTRAS: dict[str, Callable[[Path, ModelSpec, bool, Case], StateDict]] = {
+    "depth": lambda folder, spec, tiny, case: _depth_extras(folder, tiny),
+    "x4-upscaler": lambda folder, spec, tiny, case: _upscale_extras(),
+    "unclip": lambda folder, spec, tiny, case: _unclip_extras(
+        folder, spec, tiny, case.vision or VisionConfig()
+    ),
 }
 PLACEHOLDERS = ("depth_model.", "low_scale_model.", "embedder.", "noise_augmentor.")
 
 
 def _cast_folder(folder: Path, dtype: torch.dtype) -> None:
-    """Every weights file of the folder stored in ``dtype`` (floating tensors only)."""
+    """Every network's weights file of the folder stored in ``dtype`` (floating tensors only); the
+    embedding statistics (``image_normalizer``) stay float32, as the single file's do."""
     from safetensors.torch import load_file, save_file
 
     for path in folder.rglob("*.safetensors"):
+        if path.parent.name == "image_normalizer":
+            continue
         sd = load_file(path)
         save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, path)
 
@@ -205,10 +222,14 @@ def write_model(
     del oracles
     gc.collect()
     if case.variant in EXTRAS:
-        sd |= EXTRAS[case.variant](folder, spec, tiny)
+        sd |= EXTRAS[case.variant](folder, spec, tiny, case)
     _cast_folder(folder, dtype)
     single = root / f"{name}.safetensors"
-    write_single_file(single, {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+    # Networks in ``dtype``; the noise schedules and embedding statistics stay float32 (in float16
+    # alphas_cumprod near 1 rounds to 1, as the folder's schedule, computed from its config, does not).
+    kept = ("low_scale_model.", "noise_augmentor.")
+    cast = {k: v.to(dtype) if v.is_floating_point() and not k.startswith(kept) else v for k, v in sd.items()}
+    write_single_file(single, cast)
     config = root / case.reference_yaml
     if yaml_dir is not None:
         shutil.copyfile(yaml_dir / case.reference_yaml, config)
@@ -274,7 +295,8 @@ def check(
         out = root / "outputs" / name / label.split()[0]
         shutil.rmtree(out, ignore_errors=True)
         output_size = 64 if tiny else 768
-        report[label] = run(command_line(name, ckpt, yaml_path, inputs, out, steps, output_size), out)
+        argv = command_line(CASES[name].command, ckpt, yaml_path, inputs, out, steps, output_size)
+        report[label] = run(argv, out)
         print(f"{name} / {label}: {report[label]}", flush=True)
     a, b = (_pixels(root / "outputs" / name / key) for key in ("single", "diffusers"))
     if a is not None and b is not None and a.shape == b.shape:
@@ -285,7 +307,11 @@ def check(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="work folder (weights, inputs, outputs)")
-    parser.add_argument("--only", default=",".join(CASES), help="commands to check (default: %(default)s)")
+    parser.add_argument(
+        "--only",
+        default=",".join(DEFAULT_CASES),
+        help=f"models to check, of {', '.join(CASES)} (default: %(default)s)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="sampling steps per run (default: %(default)s)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored weights")
     parser.add_argument("--yaml-dir", type=Path, help="the reference's configs/stable-diffusion folder")
@@ -306,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             name, args.out, args.steps, getattr(torch, args.dtype), args.yaml_dir, args.tiny
         )
         if not args.keep:
-            for path in args.out.glob(f"{name}*"):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            (args.out / f"{name}.safetensors").unlink()
+            shutil.rmtree(args.out / f"{name}-diffusers")
         (args.out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0 if all(r[k]["exit"] == 0 for r in results.values() for k in r if isinstance(r[k], dict)) else 1
