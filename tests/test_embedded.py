@@ -194,6 +194,22 @@ def test_inpaint_and_depth2img_default_to_the_embedded_variants(
         embedded.variant_file("upscale")
 
 
+@needs_weights
+@pytest.mark.parametrize("argv", [["inpaint", "--mask", "{mask}"], ["depth2img", "--depth-map", "{mask}"]])
+def test_inpaint_and_depth2img_without_a_prompt(argv, tmp_path, capsys) -> None:
+    """No --prompt: the embedded model's default prompt, as txt2img's (written into the PNG)."""
+    image, mask = tmp_path / "image.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64), "white").save(image)
+    white_box = Image.new("L", (64, 64), 0)
+    white_box.paste(255, (16, 16, 48, 48))
+    white_box.save(mask)
+    args = [a.replace("{mask}", str(mask)) for a in argv]
+    out = tmp_path / "out"
+    code, _, err = run(capsys, *args, "--init-img", image, "--steps", "2", "--skip_grid", "--outdir", out)
+    assert code == 0, err
+    assert read_parameters(out / "samples" / "00000.png")["Prompt"] == embedded.EMBEDDED_PROMPT
+
+
 def test_help_names_the_default_model(capsys) -> None:
     assert main(["txt2img", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
