@@ -9,6 +9,9 @@ factorised per cell (a colour head, a kind head), never per colour-kind pair, so
 ("a green rectangle") can be read from parts seen in training. Measured on the evaluator's explicit
 captions after the recipe's 3000 steps: background 100%, colour 72% and kind 73% per object of seen
 captions; held-out pairs' colour 100% but kind 37% (the encoder leans on the kinds seen with a colour).
+With 4 attention heads instead of the preset's 1 (same recipe, same parameter count) held-out kinds are
+read at 99% (seen 71 / 73), and the UNet trained under it draws held-out kinds right 56% of the time
+instead of 23 (``openldm eval --n 100``); the packaged model still has the 1-head encoder.
 
 Why it pays: trained jointly with the UNet from scratch, the encoder barely told colour words apart
 after 2600 steps, and the UNet learned the captions slowly. Parsed captions give the UNet every
