@@ -135,9 +135,10 @@ def _precision(flag: str, device: str) -> str:
 
 
 def _prompt_batches(args: argparse.Namespace) -> list[list[str]]:
-    """One batch of the prompt; or the file's non-empty lines, ``n_samples`` prompts per batch."""
+    """One batch of the prompt (or the model's default prompt); or the file's non-empty lines,
+    ``n_samples`` prompts per batch."""
     if args.from_file is None:
-        return [[args.prompt]]
+        return [[_default_prompt(args)]]
     try:
         lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -240,7 +241,6 @@ def _default_prompt(args: argparse.Namespace) -> str:
 def _generate(args: argparse.Namespace) -> int:
     from openldm.images import load_image
 
-    args.prompt = _default_prompt(args)
     sampler = _sampler_name(args)
     _check_input(args)
     batches = _prompt_batches(args)

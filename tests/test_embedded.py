@@ -389,29 +389,11 @@ VARIANT_FLOORS = {
 
 def variant_scores(kind: str) -> dict[str, float]:
     """``kind``'s packaged variant on VARIANT_N evaluation scenes (DDIM, 25 steps, guidance 7.5)."""
-    from openldm.pipelines.depth2img import depth2img
-    from openldm.pipelines.inpaint import inpaint
-    from openldm.shapes.render import PALETTE
-    from openldm.shapes.variant_fidelity import depth_cases, inpaint_cases, score_depth, score_inpaint
+    from openldm.commands.eval_variants import depth_fidelity, inpaint_fidelity
 
     model = openldm.load(embedded.variant_file(kind), dtype=torch.float32)
-    options = {"steps": 25, "guidance_scale": 7.5, "progress": False}
-    if kind == "inpaint":
-        cases = inpaint_cases(0, VARIANT_N, 64)
-        images = [
-            inpaint(model, c.caption, c.init, c.mask, seed=i, **options).images[0]
-            for i, c in enumerate(cases)
-        ]
-        return score_inpaint(images, cases)
-    scenes = depth_cases(0, VARIANT_N, 64)
-    images = [
-        depth2img(
-            model, text, Image.new("RGB", (64, 64), PALETTE[scene.background]), depth_map=depth,
-            strength=1.0, seed=i, **options,
-        ).images[0]
-        for i, (text, scene, depth) in enumerate(scenes)
-    ]  # fmt: skip
-    return score_depth(images, [scene for _, scene, _ in scenes])
+    fidelity = inpaint_fidelity if kind == "inpaint" else depth_fidelity
+    return fidelity(model, VARIANT_N, 0, {"steps": 25, "guidance_scale": 7.5, "progress": False})
 
 
 @needs_weights

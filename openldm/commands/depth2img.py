@@ -63,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
         UsageError,
         _check_input,
         _check_model,
-        _default_prompt,
         _generate_batches,
         _generation_options,
         _load_model,
@@ -78,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.strength <= 1.0:
         raise UsageError(f"--strength must be between 0 and 1, got {args.strength}")
     _check_input(args)
-    args.prompt = _default_prompt(args)
     batches = _prompt_batches(args)
     init_image = load_image(args.init_img)
     depth_map = read_depth_map(args.depth_map) if args.depth_map is not None else None

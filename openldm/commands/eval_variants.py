@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,31 +38,37 @@ def _load(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
     return model, precision
 
 
-def _options(args: argparse.Namespace, precision: str, seed: int) -> dict[str, Any]:
+def _options(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     return {
         "steps": args.steps,
         "guidance_scale": args.scale,
         "sampler": args.sampler,
-        "seed": seed,
         "precision": precision,
         "progress": False,
     }
 
 
-def _inpaint_images(model: StableDiffusion, args: argparse.Namespace, precision: str, bar: Any) -> Any:
+def inpaint_fidelity(
+    model: StableDiffusion, n: int, seed: int, options: dict[str, Any], on_image: Callable[[], Any] = bool
+) -> dict[str, float]:
+    """:func:`~openldm.shapes.variant_fidelity.score_inpaint` of ``model`` on ``n`` cases (case ``i``
+    sampled with seed ``seed + i`` and the pipeline ``options``); ``on_image`` is called after each."""
     from openldm.pipelines.inpaint import inpaint
     from openldm.shapes.variant_fidelity import inpaint_cases, score_inpaint
 
-    cases = inpaint_cases(args.seed, args.n, model.spec.image_size)
+    cases = inpaint_cases(seed, n, model.spec.image_size)
     images: list[Image.Image] = []
     for i, case in enumerate(cases):
-        options = _options(args, precision, args.seed + i)
-        images.append(inpaint(model, case.caption, case.init, case.mask, **options).images[0])
-        bar.update()
+        images.append(inpaint(model, case.caption, case.init, case.mask, seed=seed + i, **options).images[0])
+        on_image()
     return score_inpaint(images, cases)
 
 
-def _depth_images(model: StableDiffusion, args: argparse.Namespace, precision: str, bar: Any) -> Any:
+def depth_fidelity(
+    model: StableDiffusion, n: int, seed: int, options: dict[str, Any], on_image: Callable[[], Any] = bool
+) -> dict[str, float]:
+    """:func:`~openldm.shapes.variant_fidelity.score_depth` of ``model`` drawing ``n`` scenes from their
+    depth maps and captions (seeds as :func:`inpaint_fidelity`)."""
     from PIL import Image
 
     from openldm.pipelines.depth2img import depth2img
@@ -69,13 +76,13 @@ def _depth_images(model: StableDiffusion, args: argparse.Namespace, precision: s
     from openldm.shapes.variant_fidelity import depth_cases, score_depth
 
     size = model.spec.image_size
-    cases = depth_cases(args.seed, args.n, size)
+    cases = depth_cases(seed, n, size)
     images: list[Image.Image] = []
     for i, (caption, scene, depth) in enumerate(cases):
         blank = Image.new("RGB", (size, size), PALETTE[scene.background])  # unused at strength 1
-        options = _options(args, precision, args.seed + i)
-        images.append(depth2img(model, caption, blank, depth_map=depth, strength=1.0, **options).images[0])
-        bar.update()
+        drawn = depth2img(model, caption, blank, depth_map=depth, strength=1.0, seed=seed + i, **options)
+        images.append(drawn.images[0])
+        on_image()
     return score_depth(images, [scene for _, scene, _ in cases])
 
 
@@ -105,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(
         total=args.n, desc=f"eval {args.task}", unit="image", disable=args.no_progress, file=sys.stderr
     )
-    generate = _inpaint_images if args.task == "inpaint" else _depth_images
-    scores = generate(model, args, precision, bar)
+    fidelity = inpaint_fidelity if args.task == "inpaint" else depth_fidelity
+    scores = fidelity(model, args.n, args.seed, _options(args, precision), bar.update)
     bar.close()
     name = args.ckpt or f"the embedded {args.task} variant"
     setting = f"{args.sampler}, {args.steps} steps, guidance {args.scale:g}, seed {args.seed}"

@@ -14,7 +14,6 @@ from openldm.cli import (
     _add_generation_flags,
     _check_input,
     _check_model,
-    _default_prompt,
     _generate_batches,
     _generation_options,
     _load_model,
@@ -79,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
     _check_input(args)
     if not 0.0 <= args.strength <= 1.0:
         raise UsageError(f"--strength must be between 0 and 1, got {args.strength}")
-    args.prompt = _default_prompt(args)
     batches = _prompt_batches(args)
     init_image = load_image(args.init_img)
     mask = load_mask(args.mask)

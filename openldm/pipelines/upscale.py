@@ -173,14 +173,13 @@ def low_res_schedule(model: StableDiffusion) -> LowResSchedule:
     if source is not None and source.is_dir() and (schedule := _folder_schedule(source)) is not None:
         return schedule
     start, end, count = REFERENCE_BETAS
-    if config:
-        start = float(config.get("linear_start", start))
-        end = float(config.get("linear_end", end))
-        count = int(config.get("timesteps", count))
-        ac = _checked(_from_betas(_betas("scaled_linear", start, end, count)), "the yaml's low_scale_config")
-        return LowResSchedule(ac, max_level, "the yaml's low_scale_config")
-    ac = _from_betas(_betas("scaled_linear", start, end, count))
-    return LowResSchedule(ac, max_level, "the reference config")
+    where = "the yaml's low_scale_config" if config else "the reference config"
+    start = float(config.get("linear_start", start))
+    end = float(config.get("linear_end", end))
+    count = int(config.get("timesteps", count))
+    return LowResSchedule(
+        _checked(_from_betas(_betas("scaled_linear", start, end, count)), where), max_level, where
+    )
 
 
 # --- checks and inputs -------------------------------------------------------------------------

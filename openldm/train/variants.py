@@ -414,7 +414,7 @@ class VariantRecipe:
     masks_per_image: int = 2  # inpainting; a depth map is one per image
     mask_mix: MaskMix = DEFAULT_MIX
     caption_dropout: float = CAPTION_DROPOUT
-    min_snr_gamma: float | None = None  # None: plain MSE
+    min_snr_gamma: float | None = 5.0  # as the base's UNet stage; None: plain MSE
     dataset_seed: int = 0
     seed: int = 0
 
@@ -448,9 +448,9 @@ def variant_recipe(kind: str, base: ModelSpec | None = None) -> VariantRecipe:
     base = base or preset("embedded")
     loop = LoopConfig(steps=1500, lr=1e-3, warmup_steps=50, ema_decay=0.995, checkpoint_every=100, minutes=20)
     if kind == "inpaint":
-        return VariantRecipe("inpaint", base, loop, cache_size=2500, masks_per_image=2, min_snr_gamma=5.0)
+        return VariantRecipe("inpaint", base, loop, cache_size=2500, masks_per_image=2)
     if kind == "depth":
-        return VariantRecipe("depth", base, loop, cache_size=4000, masks_per_image=1, min_snr_gamma=5.0)
+        return VariantRecipe("depth", base, loop, cache_size=4000, masks_per_image=1)
     raise ValueError(f"unknown variant {kind!r}; use one of {', '.join(KINDS)}")
 
 
