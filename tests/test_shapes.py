@@ -12,8 +12,10 @@ from openldm.shapes.captions import COLOUR_WORDS, KIND_WORDS, caption, explicit_
 from openldm.shapes.dataset import (
     DENSE_COUNTS,
     HELD_OUT,
+    OFF_PALETTE_DISTANCE,
     ShapesDataset,
     evaluation_scenes,
+    off_palette_colour,
     sample_scene,
     to_tensor,
 )
@@ -113,6 +115,47 @@ def test_masks_have_the_object_colour_and_depth_is_ordered():
         order = sorted(sample.scene.objects, key=lambda o: o.depth)
         sizes = [SIZE_ORDER.index(o.size) for o in order]
         assert sizes == sorted(sizes)
+
+
+def test_recoloured_samples_use_off_palette_paints_only():
+    plain = ShapesDataset(seed=2, length=40, dense_fraction=0.5)
+    mixed = ShapesDataset(seed=2, length=40, dense_fraction=0.5, recolour_fraction=0.5)
+    palette = np.asarray(list(PALETTE.values()), dtype=np.float64)
+    recoloured = 0
+    for i in range(len(mixed)):
+        a, b = plain[i], mixed[i]
+        assert a.scene == b.scene  # the same scenes; only the paints may differ
+        if np.array_equal(np.asarray(a.image), np.asarray(b.image)):
+            continue
+        recoloured += 1
+        assert b.caption == ""  # a recoloured image has no caption: its colours have no names
+        pixels = np.asarray(b.image).reshape(-1, 3).astype(np.float64)
+        inside = b.masks.reshape(len(b.masks), -1)
+        for mask in inside:  # every object's fully covered pixels are far from every palette colour
+            colours = np.unique(pixels[mask], axis=0)
+            distances = np.sqrt(((colours[:, None] - palette[None]) ** 2).sum(-1)).min(1)
+            assert distances.max() >= OFF_PALETTE_DISTANCE
+    assert 10 <= recoloured <= 30
+    rng = np.random.default_rng(0)
+    names = list(PALETTE)
+    nearest = set()
+    for _ in range(300):
+        colour = np.asarray(off_palette_colour(rng, "circle", HELD_OUT), dtype=np.float64)
+        distances = np.sqrt(((palette - colour) ** 2).sum(1))
+        assert distances.min() >= OFF_PALETTE_DISTANCE
+        nearest.add(names[int(distances.argmin())])
+    # ("yellow", "circle") is held out: no painted circle is nearest to yellow; every other colour occurs
+    assert nearest == set(PALETTE) - {"yellow"}
+    with pytest.raises(ValueError, match="recolour_fraction"):
+        ShapesDataset(seed=0, recolour_fraction=1.5)
+
+
+def test_render_paints_objects_in_given_colours():
+    scene = Scene(background="white", objects=(ShapeObject("square", "red", "large", "centre"),))
+    image = np.asarray(render(scene, 48, colours=[(1, 2, 3)]).image)
+    assert tuple(image[24, 24]) == (1, 2, 3) and tuple(image[0, 0]) == PALETTE["white"]
+    with pytest.raises(ValueError, match="2 colours given for a scene of 1 objects"):
+        render(scene, 48, colours=[(1, 2, 3), (4, 5, 6)])
 
 
 def test_to_tensor_range_and_layout():

@@ -211,6 +211,33 @@ def test_export_loads_through_the_loading_path(tmp_path):
     assert openldm.load(path, prediction_type="eps").spec.prediction_type == "eps"
 
 
+def test_text_heads_travel_in_the_metadata(tmp_path):
+    """Heads are not in the weights: a 4-head encoder of width 64 (the loader's rule would say 1) is
+    read back with its 4 heads, and gives the exporting model's outputs."""
+    text = dataclasses.replace(TEXT, heads=4)
+    spec = dataclasses.replace(SPEC, text=text)
+    torch.manual_seed(0)
+    model = TextToImage(UNET, text).eval()
+    path = tmp_path / "model.safetensors"
+    export_single_file(model, AutoencoderKL(VAE).eval(), spec, path)
+    loaded = openldm.load(path)
+    assert loaded.spec.text.heads == 4
+    assert openldm.load(path, preset=SPEC).spec.text.heads == 4  # believed over a preset's 1 head
+    ids = torch.tensor([[49406, 320, 736, 2866, 49407] + [49407] * 72])
+    with torch.no_grad():
+        expected = model.text.half().float()(ids)
+        assert torch.allclose(loaded.text_encoder.float()(ids), expected, atol=1e-5)
+    # heads that cannot split the width: a clear error, not a silent fallback
+    from safetensors.torch import load_file, save_file
+
+    from openldm.checkpoints.errors import CorruptCheckpointError
+
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad), metadata={"openldm.text_heads": "3"})
+    with pytest.raises(CorruptCheckpointError, match="3 text heads do not divide the width 64"):
+        openldm.load(bad)
+
+
 def test_embedded_preset_fits_the_budget():
     spec = preset("embedded")
     with torch.device("meta"):

@@ -201,6 +201,7 @@ class _Parts:
     image_size: int | None = None
     # What a file written by openldm (openldm train) states in its safetensors metadata.
     metadata_prediction: PredictionType | None = None
+    metadata_text_heads: int | None = None
 
 
 def load(
@@ -322,15 +323,25 @@ def split_single_file(
 
 
 def _apply_openldm_metadata(
-    metadata: Mapping[str, str], vae_cfg: VAEConfig, parts_kwargs: dict[str, Any], path: Path
-) -> VAEConfig:
-    """The latent scale factor, image size and prediction type that ``openldm train`` writes into
-    its files' metadata (a yaml config, when given, still wins)."""
+    metadata: Mapping[str, str],
+    vae_cfg: VAEConfig,
+    text_cfg: TextConfig,
+    parts_kwargs: dict[str, Any],
+    path: Path,
+) -> tuple[VAEConfig, TextConfig]:
+    """The latent scale factor, image size, prediction type and text attention heads that ``openldm
+    train`` writes into its files' metadata (a yaml config, when given, still wins)."""
     try:
         if "openldm.scale_factor" in metadata:
             vae_cfg = dataclasses.replace(vae_cfg, scale_factor=float(metadata["openldm.scale_factor"]))
         if "openldm.image_size" in metadata:
             parts_kwargs["image_size"] = int(metadata["openldm.image_size"])
+        if "openldm.text_heads" in metadata:
+            heads = int(metadata["openldm.text_heads"])
+            if heads <= 0 or text_cfg.width % heads:
+                raise ValueError(f"{heads} text heads do not divide the width {text_cfg.width}")
+            text_cfg = dataclasses.replace(text_cfg, heads=heads)
+            parts_kwargs["metadata_text_heads"] = heads
     except ValueError as e:
         raise CorruptCheckpointError(path, f"unreadable openldm metadata ({e})", _REEXPORT) from e
     prediction = metadata.get("openldm.prediction_type")
@@ -338,7 +349,7 @@ def _apply_openldm_metadata(
         if prediction not in ("eps", "v"):
             raise CorruptCheckpointError(path, f"metadata names prediction type {prediction!r}", _REEXPORT)
         parts_kwargs["metadata_prediction"] = prediction
-    return vae_cfg
+    return vae_cfg, text_cfg
 
 
 _REEXPORT = "Export the model again (openldm train --resume --out RUN) or pass config= / preset="
@@ -369,7 +380,8 @@ def _single_file_parts(
     vae_cfg = _convert(path, "VAE", vae.infer_vae_config, vae_sd, scale)
     text_cfg = _convert(path, "text encoder", clip.infer_text_config, text_sd, detection.text_layout)
     parts_kwargs: dict[str, Any] = {}
-    vae_cfg = _apply_openldm_metadata(variant_files.file_metadata(path), vae_cfg, parts_kwargs, path)
+    metadata = variant_files.file_metadata(path)
+    vae_cfg, text_cfg = _apply_openldm_metadata(metadata, vae_cfg, text_cfg, parts_kwargs, path)
     if yaml_params is not None:
         unet_cfg, vae_cfg, text_cfg, yaml_kwargs = _apply_yaml(
             yaml_params, unet_cfg, vae_cfg, text_cfg, config
@@ -679,6 +691,16 @@ def _spec(
         )
     pred, why = _prediction(parts, source, prediction_type, chosen)
     if chosen is not None:
+        heads = parts.metadata_text_heads
+        if heads is not None and heads != chosen.text.heads:
+            # Heads are not in the weights: the file's own statement is believed over the preset's.
+            log.info(
+                "%s: %d text attention heads (the file's metadata; the preset says %d)",
+                source,
+                heads,
+                chosen.text.heads,
+            )
+            chosen = dataclasses.replace(chosen, text=dataclasses.replace(chosen.text, heads=heads))
         return dataclasses.replace(chosen, prediction_type=pred)
     schedule = parts.schedule or (
         ScheduleConfig(beta_start=0.0001, beta_end=0.02) if variant == "x4-upscaler" else ScheduleConfig()

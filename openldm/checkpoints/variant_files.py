@@ -17,8 +17,21 @@ import torch
 
 from openldm.checkpoints.detect import UNET_PREFIX
 from openldm.checkpoints.errors import CorruptCheckpointError
+from openldm.config import ModelSpec
 
 BASE_KEY, FINGERPRINT_KEY, FILE_KEY = "openldm.base", "openldm.base_fingerprint", "openldm.base_file"
+
+
+def spec_metadata(spec: ModelSpec) -> dict[str, str]:
+    """The metadata ``openldm train`` writes into its files: what the weights alone do not tell (the
+    loader reads it back: the scale factor, image size, prediction type and text attention heads)."""
+    return {
+        "openldm.preset": spec.name,
+        "openldm.prediction_type": spec.prediction_type,
+        "openldm.scale_factor": repr(spec.vae.scale_factor),
+        "openldm.image_size": str(spec.image_size),
+        "openldm.text_heads": str(spec.text.heads),
+    }
 
 
 def base_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:

@@ -84,6 +84,20 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+# A caption as spans: (text, indices of the scene objects the text describes); joining the texts gives
+# the caption. Prefixes, separators and the background describe no object.
+Spans = list[tuple[str, tuple[int, ...]]]
+
+
+def _join_spans(parts: Spans) -> Spans:
+    spans: Spans = []
+    for i, part in enumerate(parts):
+        if i:
+            spans.append((" and " if i == len(parts) - 1 else ", ", ()))
+        spans.append(part)
+    return spans
+
+
 def relation(a: ShapeObject, b: ShapeObject) -> str:
     """The grid relation of ``a`` to ``b``: vertical when their rows differ, else horizontal."""
     (ra, ca), (rb, cb) = cell_of(a.position), cell_of(b.position)
@@ -92,10 +106,10 @@ def relation(a: ShapeObject, b: ShapeObject) -> str:
     return "to the left of" if ca < cb else "to the right of"
 
 
-def _groups(scene: Scene) -> list[list[ShapeObject]]:
-    """Objects grouped by (colour, kind), in order of first appearance."""
-    counts = Counter((o.colour, o.kind) for o in scene.objects)
-    return [[o for o in scene.objects if (o.colour, o.kind) == key] for key in counts]
+def _groups(scene: Scene) -> list[list[int]]:
+    """Indices of the objects grouped by (colour, kind), in order of first appearance."""
+    keys = [(o.colour, o.kind) for o in scene.objects]
+    return [[i for i, k in enumerate(keys) if k == key] for key in Counter(keys)]
 
 
 def _background(scene: Scene, rng: np.random.Generator) -> str:
@@ -104,10 +118,10 @@ def _background(scene: Scene, rng: np.random.Generator) -> str:
     return template.format(word if template == " on {}" else _a(word))
 
 
-def _listing(scene: Scene, rng: np.random.Generator, with_positions: bool) -> str:
-    parts = []
+def _listing(scene: Scene, rng: np.random.Generator, with_positions: bool) -> Spans:
+    parts: Spans = []
     for group in _groups(scene):
-        first = group[0]
+        first = scene.objects[group[0]]
         if len(group) == 1:
             text = _noun(first, rng, with_size=rng.random() < 0.2)
             if with_positions:
@@ -115,23 +129,23 @@ def _listing(scene: Scene, rng: np.random.Generator, with_positions: bool) -> st
         else:
             text = f"{NUMBERS[len(group)]} {_colour(first.colour, rng)} {_kind(first.kind, len(group), rng)}"
             if with_positions:
-                text += " " + _join([_position(o.position, rng) for o in group])
-        parts.append(text)
-    return _join(parts)
+                text += " " + _join([_position(scene.objects[i].position, rng) for i in group])
+        parts.append((text, tuple(group)))
+    return _join_spans(parts)
 
 
-def _relational(scene: Scene, rng: np.random.Generator) -> str:
-    order = rng.permutation(len(scene.objects))
+def _relational(scene: Scene, rng: np.random.Generator) -> Spans:
+    order = [int(i) for i in rng.permutation(len(scene.objects))]
     a, b = scene.objects[order[0]], scene.objects[order[1]]
-    text = f"{_noun(a, rng)} {relation(a, b)} {_noun(b, rng)}"
+    spans: Spans = [(f"{_noun(a, rng)} {relation(a, b)} ", (order[0],)), (_noun(b, rng), (order[1],))]
     if len(scene.objects) == 3:
         c = scene.objects[order[2]]
-        text += f", and {_noun(c, rng)} {_position(c.position, rng)}"
-    return text
+        spans += [(", and ", ()), (f"{_noun(c, rng)} {_position(c.position, rng)}", (order[2],))]
+    return spans
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A varied caption of ``scene``; the same generator state gives the same caption."""
+def caption_spans(scene: Scene, rng: np.random.Generator) -> Spans:
+    """:func:`caption` as spans, each with the objects it describes."""
     repeats = len(_groups(scene)) < len(scene.objects)
     style = rng.random()
     if len(scene.objects) >= 2 and not repeats and style < 0.3:
@@ -139,16 +153,27 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     else:
         body = _listing(scene, rng, with_positions=style < 0.85)
     if rng.random() < 0.7:
-        body += _background(scene, rng)
-    return str(_pick(rng, PREFIXES, False)) + body
+        body.append((_background(scene, rng), ()))
+    return [(str(_pick(rng, PREFIXES, False)), ()), *body]
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A varied caption of ``scene``; the same generator state gives the same caption."""
+    return "".join(text for text, _ in caption_spans(scene, rng))
+
+
+def explicit_spans(scene: Scene) -> Spans:
+    """:func:`explicit_caption` as spans."""
+    parts: Spans = []
+    for group in _groups(scene):
+        first = scene.objects[group[0]]
+        words = f"{_colour(first.colour, None)} {_kind(first.kind, len(group), None)}"
+        noun = _a(words) if len(group) == 1 else f"{NUMBERS[len(group)]} {words}"
+        positions = _join([_position(scene.objects[i].position, None) for i in group])
+        parts.append((noun + " " + positions, tuple(group)))
+    return [*_join_spans(parts), (" on " + _a(f"{scene.background} background"), ())]
 
 
 def explicit_caption(scene: Scene) -> str:
     """The canonical caption stating every object's colour, kind, position and count, and the background."""
-    parts = []
-    for group in _groups(scene):
-        first = group[0]
-        words = f"{_colour(first.colour, None)} {_kind(first.kind, len(group), None)}"
-        noun = _a(words) if len(group) == 1 else f"{NUMBERS[len(group)]} {words}"
-        parts.append(noun + " " + _join([_position(o.position, None) for o in group]))
-    return _join(parts) + " on " + _a(f"{scene.background} background")
+    return "".join(text for text, _ in explicit_spans(scene))

@@ -20,7 +20,9 @@ from openldm.shapes.render import (
     COLOURS,
     KINDS,
     OBJECT_DEPTH,
+    PALETTE,
     POSITIONS,
+    RGB,
     SIZES,
     Scene,
     ShapeObject,
@@ -43,6 +45,9 @@ OBJECT_COUNT_WEIGHTS = (0.4, 0.35, 0.25)
 DENSE_COUNTS = (4, 9)  # shapes in a dense (autoencoder) scene, inclusive
 REPEAT_RATE = 0.25  # chance that a further object copies the colour and kind of an earlier one
 EVAL_STREAM = 1  # evaluation scenes come from a generator stream disjoint from training samples'
+# Off-palette paints (autoencoder images only) stay at least this far (RGB distance) from every palette
+# colour: they teach outlines apart from colours without showing any palette colour-kind pair.
+OFF_PALETTE_DISTANCE = 60.0
 
 
 @dataclass(frozen=True)
@@ -127,11 +132,31 @@ def dense_scene(rng: np.random.Generator, held_out: frozenset[tuple[str, str]] =
     return Scene(background=background, objects=objects)
 
 
+def off_palette_colour(
+    rng: np.random.Generator, kind: str | None = None, held_out: frozenset[tuple[str, str]] = frozenset()
+) -> RGB:
+    """A random RGB colour at least ``OFF_PALETTE_DISTANCE`` from every palette colour and, for a shape
+    of ``kind``, not nearest to a colour that ``held_out`` pairs with that kind (so that no painted
+    shape reads as a held-out pair: a yellowish circle is still never drawn when yellow-circle is held
+    out)."""
+    names = list(PALETTE)
+    palette = np.asarray(list(PALETTE.values()), dtype=np.float64)
+    while True:
+        colour = rng.integers(0, 256, size=3)
+        distances = np.sqrt(((palette - colour) ** 2).sum(axis=1))
+        nearest = names[int(distances.argmin())]
+        if distances.min() >= OFF_PALETTE_DISTANCE and (nearest, kind) not in held_out:
+            return (int(colour[0]), int(colour[1]), int(colour[2]))
+
+
 class ShapesDataset(Dataset):
     """``length`` captioned shape images of ``size`` pixels, sample ``i`` fixed by ``(seed, i)``.
 
     With ``dense_fraction`` > 0 that fraction of the samples are :func:`dense_scene` s (for the
-    autoencoder; their captions name only what a caption can hold and are not meant for training text).
+    autoencoder; their captions are empty). With ``recolour_fraction`` > 0 that fraction of the samples
+    paint every object in an off-palette colour (:func:`off_palette_colour`; caption empty): an
+    autoencoder that only ever sees palette pairs learns to draw a shape's outline from its colour
+    ("yellow" is never a circle) and fails on held-out pairs; random paints make it encode the outline.
     """
 
     def __init__(
@@ -141,14 +166,17 @@ class ShapesDataset(Dataset):
         length: int = 100_000,
         held_out: frozenset[tuple[str, str]] = HELD_OUT,
         dense_fraction: float = 0.0,
+        recolour_fraction: float = 0.0,
     ) -> None:
         _check_held_out(held_out)
         if length <= 0:
             raise ValueError(f"dataset length must be positive, got {length}")
         if not 0.0 <= dense_fraction <= 1.0:
             raise ValueError(f"dense_fraction must be in [0, 1], got {dense_fraction}")
+        if not 0.0 <= recolour_fraction <= 1.0:
+            raise ValueError(f"recolour_fraction must be in [0, 1], got {recolour_fraction}")
         self.seed, self.size, self.length, self.held_out = seed, size, length, frozenset(held_out)
-        self.dense_fraction = dense_fraction
+        self.dense_fraction, self.recolour_fraction = dense_fraction, recolour_fraction
 
     def __len__(self) -> int:
         return self.length
@@ -163,7 +191,11 @@ class ShapesDataset(Dataset):
         else:
             scene = sample_scene(rng, self.held_out)
             text = caption(scene, rng)
-        rendered = render(scene, self.size)
+        paints = None
+        if self.recolour_fraction and rng.random() < self.recolour_fraction:
+            paints = [off_palette_colour(rng, o.kind, self.held_out) for o in scene.objects]
+            text = ""
+        rendered = render(scene, self.size, paints)
         return Sample(rendered.image, text, scene, rendered.masks, rendered.depth)
 
 

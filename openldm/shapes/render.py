@@ -13,6 +13,7 @@ is a flat card standing at its own ``depth`` (in [0.4, 1.0]), distinct within a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,8 @@ from PIL import Image
 
 # Far apart in RGB (no two object colours closer than ~100): a small generative model at 64x64 blurs and
 # shifts colours, and the evaluator still has to tell them apart.
-PALETTE: dict[str, tuple[int, int, int]] = {
+RGB = tuple[int, int, int]
+PALETTE: dict[str, RGB] = {
     "red": (220, 30, 30),
     "orange": (245, 130, 0),
     "yellow": (250, 235, 30),
@@ -158,17 +160,23 @@ def background_depth(size: int) -> np.ndarray:
     return np.repeat(rows[:, None], size, axis=1)
 
 
-def render(scene: Scene, size: int = 64) -> Rendered:
-    """Draw ``scene`` as a ``size`` x ``size`` RGB image with its masks and depth map."""
+def render(scene: Scene, size: int = 64, colours: Sequence[RGB] | None = None) -> Rendered:
+    """Draw ``scene`` as a ``size`` x ``size`` RGB image with its masks and depth map.
+
+    ``colours`` (one RGB per object) paints the objects in those colours instead of their palette ones.
+    """
     if size < 24:
         raise ValueError(f"image size {size} is too small to draw shapes; use 24 pixels or more")
+    if colours is not None and len(colours) != len(scene.objects):
+        raise ValueError(f"{len(colours)} colours given for a scene of {len(scene.objects)} objects")
+    paints = [PALETTE[o.colour] for o in scene.objects] if colours is None else list(colours)
     rgb = np.empty((size, size, 3), dtype=np.float32)
     rgb[:] = PALETTE[scene.background]
     depth = background_depth(size)
     masks = np.zeros((len(scene.objects), size, size), dtype=bool)
-    for i, obj in enumerate(scene.objects):
+    for i, (obj, paint) in enumerate(zip(scene.objects, paints, strict=True)):
         alpha = coverage(obj, size)
-        rgb += alpha[..., None] * (np.asarray(PALETTE[obj.colour], dtype=np.float32) - rgb)
+        rgb += alpha[..., None] * (np.asarray(paint, dtype=np.float32) - rgb)
         depth += alpha * (obj.depth - depth)
         masks[i] = alpha >= 0.5
     image = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")

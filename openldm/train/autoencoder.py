@@ -47,6 +47,7 @@ class AutoencoderRecipe:
     edge_weight: float = 0.5
     foreground_weight: float = 0.0  # extra weight of non-background pixels (losses.foreground_weights)
     dense_fraction: float = 0.0  # fraction of training images that are dense scenes (dataset.dense_scene)
+    recolour_fraction: float = 0.0  # fraction painted in off-palette colours (dataset.off_palette_colour)
     identity_init: bool = False  # start residual branches at zero and resamplers as pooling (identity_init)
     dataset_seed: int = 0
     dataset_length: int = DATASET_LENGTH  # distinct images (the batches wrap around after them)
@@ -111,7 +112,11 @@ def train_autoencoder(
     init_posterior(vae)
     vae = channels_last(vae.to(device), device)
     dataset = ShapesDataset(
-        recipe.dataset_seed, recipe.image_size, recipe.dataset_length, dense_fraction=recipe.dense_fraction
+        recipe.dataset_seed,
+        recipe.image_size,
+        recipe.dataset_length,
+        dense_fraction=recipe.dense_fraction,
+        recolour_fraction=recipe.recolour_fraction,
     )
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:

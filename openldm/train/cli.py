@@ -22,11 +22,13 @@ STAGES = {
 }
 DESCRIPTION = """\
 Train the embedded default model (preset "embedded") from scratch on the procedural shapes dataset:
-stage 1 the autoencoder (f=8, 4 latent channels, L1 + L2 + edge + KL), stage 2 the CLIP text encoder
-(pre-trained to parse captions into their scenes: background, and colour, kind and size per grid
-cell), stage 3 the UNet under the frozen text encoder (eps objective with min-SNR weighting, AdamW,
-warm-up, 10% caption dropout, EMA, gradient clipping). Then the EMA weights are exported in fp16 as
-one SD 1 single file, which `openldm txt2img --ckpt FILE` or openldm.load(FILE) reads.
+stage 1 the autoencoder (f=8, 4 latent channels, L1 + L2 + edge + KL; half the images painted in
+off-palette colours), stage 2 the CLIP text encoder (pre-trained to parse captions into their scenes:
+background, and colour, kind and size per grid cell; and each object phrase's colour, kind and cells
+at its own tokens), stage 3 the UNet under the frozen text encoder (eps objective with min-SNR
+weighting, AdamW, warm-up, 10% caption dropout, EMA, gradient clipping). Then the EMA weights are
+exported in fp16 as one SD 1 single file, which `openldm txt2img --ckpt FILE` or openldm.load(FILE)
+reads.
 
 Files in --out: vae/, text/ and diffusion/ each hold checkpoint.pt (resumable) and log.jsonl (the
 losses); vae/reconstructions.png (originals above reconstructions), diffusion/samples.png (previews:
@@ -35,7 +37,7 @@ reconstruction errors, the text encoder's parsing accuracy).
 """
 EPILOG = """\
 examples:
-  # the documented command that made openldm/data/embedded.safetensors (54 minutes on 2 CPU cores)
+  # the whole recipe: the three stages, then the single file (55 minutes on 2 CPU cores)
   openldm train --out runs/embedded --export openldm/data/embedded.safetensors
   # a quick try: 50 steps per stage
   openldm train --out /tmp/try --steps 50

@@ -34,6 +34,7 @@ from openldm.train.data import (
     STREAM_POSTERIOR,
     LatentCache,
     drop_captions,
+    dropout_mask,
     step_generator,
 )
 from openldm.train.loop import LoopConfig, LoopResult, load_ema_weights, train_loop
@@ -124,6 +125,17 @@ def load_or_build_cache(
     return cache
 
 
+@torch.no_grad()
+def frozen_contexts(
+    text: CLIPTextEncoder, ids: torch.Tensor, device: torch.device | str, batch_size: int = 256
+) -> torch.Tensor:
+    """``[N + 1, 77, width]``: the contexts of the ``N`` captions ``ids``, then the empty caption's
+    (the caption-dropout context), on ``device``."""
+    tokenizer = CLIPTokenizer.for_config(text.config)
+    rows = torch.cat([ids, tokenizer("")])
+    return torch.cat([text(rows[i : i + batch_size].to(device)) for i in range(0, len(rows), batch_size)])
+
+
 def train_diffusion(
     recipe: DiffusionRecipe,
     vae: AutoencoderKL,
@@ -155,17 +167,18 @@ def train_diffusion(
     model = channels_last(model.to(device), device)
     schedule = NoiseSchedule(recipe.schedule)
     empty = tokenizer("")[0]
+    # A frozen encoder gives each cached caption the same context every step: computed once.
+    contexts = frozen_contexts(model.text, cache.ids, device) if recipe.frozen_text else None
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         indices = cache.indices(recipe.seed, step, recipe.batch_size)
         z = cache.sample(indices, step_generator(recipe.seed, STREAM_POSTERIOR, step)) * scale
-        ids = drop_captions(
-            cache.ids[indices],
-            empty,
-            recipe.caption_dropout,
-            step_generator(recipe.seed, STREAM_DROPOUT, step),
-        )
-        with torch.set_grad_enabled(not recipe.frozen_text):
+        dropout = step_generator(recipe.seed, STREAM_DROPOUT, step)
+        if contexts is not None:
+            dropped = dropout_mask(len(indices), recipe.caption_dropout, dropout).to(device)
+            context = torch.where(dropped[:, None, None], contexts[-1:], contexts[indices.to(device)])
+        else:
+            ids = drop_captions(cache.ids[indices], empty, recipe.caption_dropout, dropout)
             context = model.text(ids.to(device))
         x0 = z.to(device).contiguous(memory_format=torch.channels_last)
         noise_generator = step_generator(recipe.seed, STREAM_NOISE, step)

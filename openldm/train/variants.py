@@ -48,6 +48,7 @@ from openldm.checkpoints.variant_files import (
     FINGERPRINT_KEY,
     base_fingerprint,
     file_metadata,
+    spec_metadata,
 )
 from openldm.config import ModelSpec, UNetConfig, preset
 from openldm.images import pil_to_tensor
@@ -593,16 +594,14 @@ def export_variant(
     """
     from safetensors.torch import save
 
+    spec = dataclasses.replace(spec, text=base.model.spec.text)  # the base's encoder: its heads too
     sd = {
         UNET_PREFIX + k: v.detach().to("cpu", torch.float16).contiguous()
         for k, v in unet.state_dict().items()
     }
     metadata = {
-        "openldm.preset": spec.name,
+        **spec_metadata(spec),
         "openldm.variant": spec.variant,
-        "openldm.prediction_type": spec.prediction_type,
-        "openldm.scale_factor": repr(spec.vae.scale_factor),
-        "openldm.image_size": str(spec.image_size),
         BASE_KEY: base.model.spec.name,
         FILE_KEY: base.file,
         FINGERPRINT_KEY: base.fingerprint,
