@@ -89,6 +89,11 @@ def _join(parts: list[str]) -> str:
 Spans = list[tuple[str, tuple[int, ...]]]
 
 
+def joined(spans: Spans) -> str:
+    """The caption that ``spans`` make."""
+    return "".join(text for text, _ in spans)
+
+
 def _join_spans(parts: Spans) -> Spans:
     spans: Spans = []
     for i, part in enumerate(parts):
@@ -159,7 +164,7 @@ def caption_spans(scene: Scene, rng: np.random.Generator) -> Spans:
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A varied caption of ``scene``; the same generator state gives the same caption."""
-    return "".join(text for text, _ in caption_spans(scene, rng))
+    return joined(caption_spans(scene, rng))
 
 
 def explicit_spans(scene: Scene) -> Spans:
@@ -176,4 +181,4 @@ def explicit_spans(scene: Scene) -> Spans:
 
 def explicit_caption(scene: Scene) -> str:
     """The canonical caption stating every object's colour, kind, position and count, and the background."""
-    return "".join(text for text, _ in explicit_spans(scene))
+    return joined(explicit_spans(scene))

@@ -48,6 +48,8 @@ EVAL_STREAM = 1  # evaluation scenes come from a generator stream disjoint from 
 # Off-palette paints (autoencoder images only) stay at least this far (RGB distance) from every palette
 # colour: they teach outlines apart from colours without showing any palette colour-kind pair.
 OFF_PALETTE_DISTANCE = 60.0
+_PALETTE_NAMES = list(PALETTE)
+_PALETTE_RGB = np.asarray(list(PALETTE.values()), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -139,12 +141,10 @@ def off_palette_colour(
     of ``kind``, not nearest to a colour that ``held_out`` pairs with that kind (so that no painted
     shape reads as a held-out pair: a yellowish circle is still never drawn when yellow-circle is held
     out)."""
-    names = list(PALETTE)
-    palette = np.asarray(list(PALETTE.values()), dtype=np.float64)
     while True:
         colour = rng.integers(0, 256, size=3)
-        distances = np.sqrt(((palette - colour) ** 2).sum(axis=1))
-        nearest = names[int(distances.argmin())]
+        distances = np.sqrt(((_PALETTE_RGB - colour) ** 2).sum(axis=1))
+        nearest = _PALETTE_NAMES[int(distances.argmin())]
         if distances.min() >= OFF_PALETTE_DISTANCE and (nearest, kind) not in held_out:
             return (int(colour[0]), int(colour[1]), int(colour[2]))
 

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from openldm.config import TextConfig
 from openldm.nn.clip import CLIPTextEncoder
-from openldm.shapes.captions import Spans, caption_spans, explicit_spans
+from openldm.shapes.captions import Spans, caption_spans, explicit_spans, joined
 from openldm.shapes.dataset import HELD_OUT, evaluation_scenes, sample_scene
 from openldm.shapes.render import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES, Scene
 from openldm.tokenizer import CLIPTokenizer
@@ -93,34 +93,36 @@ def split_targets(targets: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: part for (name, _, _), part in zip(FAMILIES, parts, strict=True)}
 
 
+def span_tokens(spans: Spans, tokenizer: CLIPTokenizer) -> list[tuple[int, int, tuple[int, ...]]]:
+    """``(start, stop, objects)`` token positions of each span (token 0 is the start token)."""
+    result, position = [], 1
+    for text, objects in spans:
+        count = len(tokenizer.encode(text))
+        result.append((position, position + count, objects))
+        position += count
+    return result
+
+
 def token_targets(spans: Spans, scene: Scene, tokenizer: CLIPTokenizer) -> torch.Tensor:
     """``[max_length, 2 + 9]`` per-token targets of a caption given as spans: colour and kind class,
     then the 9 cells' membership, of the objects the token's span describes (``NOT_AN_OBJECT`` rows
-    elsewhere). Token ``0`` is the start token; the spans' tokens follow in order."""
+    elsewhere)."""
     length = tokenizer.max_length
     targets = torch.full((length, 2 + len(POSITIONS)), NOT_AN_OBJECT, dtype=torch.long)
-    position = 1
-    for text, objects in spans:
-        count = len(tokenizer.encode(text))
+    for start, stop, objects in span_tokens(spans, tokenizer):
         if objects:
             first = scene.objects[objects[0]]
             cells = [0] * len(POSITIONS)
             for index in objects:
                 cells[POSITIONS.index(scene.objects[index].position)] = 1
             row = torch.tensor([COLOURS.index(first.colour), KINDS.index(first.kind), *cells])
-            targets[position : min(position + count, length - 1)] = row
-        position += count
+            targets[start : min(stop, length - 1)] = row
     return targets
 
 
 def span_ends(spans: Spans, tokenizer: CLIPTokenizer) -> list[int]:
     """Token positions of the last token of each span that describes objects."""
-    ends, position = [], 0
-    for text, objects in spans:
-        position += len(tokenizer.encode(text))
-        if objects:
-            ends.append(position)  # the start token shifts positions by one
-    return ends
+    return [stop - 1 for _, stop, objects in span_tokens(spans, tokenizer) if objects]
 
 
 def caption_pool(
@@ -133,7 +135,7 @@ def caption_pool(
         rng = np.random.default_rng([seed, i, TEXT_STREAM])
         scene = sample_scene(rng, HELD_OUT)
         spans = caption_spans(scene, rng)
-        captions.append("".join(text for text, _ in spans))
+        captions.append(joined(spans))
         targets.append(scene_targets(scene))
         objects.append(token_targets(spans, scene, tokenizer))
     return tokenizer(captions), torch.stack(targets), torch.stack(objects)
@@ -231,7 +233,7 @@ def object_accuracy(parser: CaptionParser, scenes: list[Scene]) -> dict[str, flo
     and cells (all nine memberships right)."""
     tokenizer = CLIPTokenizer.for_config(parser.text.config)
     all_spans = [explicit_spans(scene) for scene in scenes]
-    ids = tokenizer(["".join(text for text, _ in spans) for spans in all_spans])
+    ids = tokenizer([joined(spans) for spans in all_spans])
     states = parser.text(ids)
     rows, columns, wanted = [], [], []
     for row, (spans, scene) in enumerate(zip(all_spans, scenes, strict=True)):
