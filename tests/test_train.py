@@ -36,7 +36,7 @@ from openldm.train.diffusion import (
 )
 from openldm.train.ema import EMA
 from openldm.train.embedded import MAX_BYTES, export_single_file, single_file_state_dict
-from openldm.train.loop import LOG, LoopConfig, train_loop
+from openldm.train.loop import LOG, LoopConfig, Part, train_loop
 from openldm.train.losses import diffusion_loss, min_snr_weights
 
 VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=0.5)
@@ -123,7 +123,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
 def test_loop_reports_a_diverging_loss(tmp_path):
     model = torch.nn.Linear(2, 1)
 
-    def loss_fn(step: int):
+    def loss_fn(step: int, part: Part):
         return model.weight.sum() * float("nan"), {}
 
     with pytest.raises(FloatingPointError, match="learning rate"):

@@ -424,6 +424,9 @@ def test_cli_runs_a_variant_stage(monkeypatch, tmp_path):
     args.run(args)
     (recipe, base, _), options = calls[1]
     assert recipe.kind == "inpaint" and base == Path("b.safetensors") and options["export_path"] is None
+    args = parser.parse_args(["train", "--out", "x", "--stage", "inpaint", "--workers", "3"])
+    args.run(args)
+    assert calls[2][0][0].loop.workers == 3
 
 
 # --- openldm eval --task inpaint|depth -----------------------------------------------------------

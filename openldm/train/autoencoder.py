@@ -22,7 +22,7 @@ from openldm.nn.vae import AttnBlock, AutoencoderKL, Downsample, ResnetBlock, Up
 from openldm.shapes.dataset import ShapesDataset, to_tensor
 from openldm.train.data import STREAM_CROP, STREAM_POSTERIOR, image_batch, random_crops, step_generator
 from openldm.train.ema import EMA
-from openldm.train.loop import LoopConfig, LoopResult, load_ema_weights, train_loop
+from openldm.train.loop import LoopConfig, LoopResult, Part, load_ema_weights, train_loop
 from openldm.train.losses import autoencoder_loss
 
 log = logging.getLogger("openldm")
@@ -119,15 +119,21 @@ def train_autoencoder(
         recolour_fraction=recipe.recolour_fraction,
     )
 
-    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        images = image_batch(dataset, step, recipe.batch_size)
+    def loss_fn(step: int, part: Part) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = part.rows(recipe.batch_size)
+        images = image_batch(dataset, step, recipe.batch_size, rows)
         if recipe.crop_size is not None and (recipe.crop_steps is None or step < recipe.crop_steps):
-            images = random_crops(images, recipe.crop_size, step_generator(recipe.seed, STREAM_CROP, step))
+            crops = step_generator(recipe.seed, STREAM_CROP, step)
+            images = random_crops(images, recipe.crop_size, crops, rows, recipe.batch_size)
         images = images.to(device).contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(images)
-        z = posterior.sample(step_generator(recipe.seed, STREAM_POSTERIOR, step))
+        # The posterior's noise drawn for the whole batch (as posterior.sample would), the rows' kept.
+        shape = (recipe.batch_size, *posterior.mean.shape[1:])
+        draws = step_generator(recipe.seed, STREAM_POSTERIOR, step)
+        noise = torch.randn(shape, generator=draws, dtype=posterior.mean.dtype)[rows]
+        z = posterior.mean + posterior.std * noise.to(posterior.mean.device)
         reconstruction = vae.decode(z)
-        return autoencoder_loss(
+        loss, parts = autoencoder_loss(
             images,
             reconstruction,
             posterior,
@@ -136,6 +142,8 @@ def train_autoencoder(
             recipe.edge_weight,
             recipe.foreground_weight,
         )
+        share = part.share(recipe.batch_size)  # the rows' means, weighed as their share of the batch's
+        return loss * share, {name: value * share for name, value in parts.items()}
 
     ema = EMA(vae, recipe.loop.ema_decay)
     result = train_loop(

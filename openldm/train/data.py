@@ -27,25 +27,42 @@ def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def image_batch(dataset: ShapesDataset, step: int, batch_size: int) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` in [-1, 1] of step ``step``: samples ``step * B ... step * B + B - 1``.
+def image_batch(
+    dataset: ShapesDataset, step: int, batch_size: int, rows: slice | None = None
+) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in [-1, 1] of step ``step``: samples ``step * B ... step * B + B - 1``
+    (only the batch's ``rows`` when given).
 
     Sample ``i`` of the dataset is already random (drawn from a generator seeded by ``(seed, i)``),
     so consecutive indices make a random batch; the dataset wraps around after ``len(dataset)``.
     """
     start = step * batch_size
-    return torch.stack([to_tensor(dataset[(start + j) % len(dataset)].image) for j in range(batch_size)])
+    chosen = range(batch_size)[rows] if rows is not None else range(batch_size)
+    return torch.stack([to_tensor(dataset[(start + j) % len(dataset)].image) for j in chosen])
 
 
-def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """One random ``size`` x ``size`` crop per image (offsets on a grid of 8 pixels, the latent grid)."""
+def random_crops(
+    images: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    rows: slice | None = None,
+    batch_size: int = 0,
+) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image (offsets on a grid of 8 pixels, the latent grid).
+
+    With ``rows``, ``images`` are those rows of a batch of ``batch_size``: the offsets are drawn for the
+    whole batch and the rows' are used.
+    """
     height, width = images.shape[-2:]
     if size > min(height, width) or size % 8:
         raise ValueError(f"crop size must be a multiple of 8 and at most {min(height, width)}, got {size}")
     if size == height == width:
         return images
-    ys = torch.randint(0, (height - size) // 8 + 1, (len(images),), generator=generator) * 8
-    xs = torch.randint(0, (width - size) // 8 + 1, (len(images),), generator=generator) * 8
+    drawn = batch_size if rows is not None else len(images)
+    ys = torch.randint(0, (height - size) // 8 + 1, (drawn,), generator=generator) * 8
+    xs = torch.randint(0, (width - size) // 8 + 1, (drawn,), generator=generator) * 8
+    if rows is not None:
+        ys, xs = ys[rows], xs[rows]
     return torch.stack(
         [im[:, y : y + size, x : x + size] for im, y, x in zip(images, ys.tolist(), xs.tolist(), strict=True)]
     )

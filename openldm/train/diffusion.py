@@ -37,7 +37,7 @@ from openldm.train.data import (
     dropout_mask,
     step_generator,
 )
-from openldm.train.loop import LoopConfig, LoopResult, load_ema_weights, train_loop
+from openldm.train.loop import LoopConfig, LoopResult, Part, load_ema_weights, train_loop
 from openldm.train.losses import diffusion_loss
 from openldm.train.text_encoder import init_text_weights
 
@@ -170,20 +170,29 @@ def train_diffusion(
     # A frozen encoder gives each cached caption the same context every step: computed once.
     contexts = frozen_contexts(model.text, cache.ids, device) if recipe.frozen_text else None
 
-    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(step: int, part: Part) -> tuple[torch.Tensor, dict[str, float]]:
         indices = cache.indices(recipe.seed, step, recipe.batch_size)
+        rows = part.rows(len(indices))
         z = cache.sample(indices, step_generator(recipe.seed, STREAM_POSTERIOR, step)) * scale
         dropout = step_generator(recipe.seed, STREAM_DROPOUT, step)
         if contexts is not None:
-            dropped = dropout_mask(len(indices), recipe.caption_dropout, dropout).to(device)
-            context = torch.where(dropped[:, None, None], contexts[-1:], contexts[indices.to(device)])
+            dropped = dropout_mask(len(indices), recipe.caption_dropout, dropout)[rows].to(device)
+            mine = contexts[indices[rows].to(device)]
+            context = torch.where(dropped[:, None, None], contexts[-1:], mine)
         else:
             ids = drop_captions(cache.ids[indices], empty, recipe.caption_dropout, dropout)
-            context = model.text(ids.to(device))
+            context = model.text(ids[rows].to(device))
         x0 = z.to(device).contiguous(memory_format=torch.channels_last)
         noise_generator = step_generator(recipe.seed, STREAM_NOISE, step)
         loss = diffusion_loss(
-            model.unet, schedule, x0, context, recipe.prediction_type, noise_generator, recipe.min_snr_gamma
+            model.unet,
+            schedule,
+            x0,
+            context,
+            recipe.prediction_type,
+            noise_generator,
+            recipe.min_snr_gamma,
+            rows=rows,
         )
         return loss, {}
 

@@ -1,9 +1,16 @@
 """A generic training loop: AdamW, linear warm-up, gradient clipping, EMA, checkpoints and resume.
 
 The loop knows nothing about what it trains: it gets a module (the trainable networks, e.g. an
-``nn.ModuleDict``) and ``loss_fn(step) -> (loss, parts)``, which must draw everything random from
+``nn.ModuleDict``) and ``loss_fn(step, part) -> (loss, parts)``, which must draw everything random from
 generators fixed by the step (see :func:`openldm.train.data.step_generator`). Then a run resumed from
 a checkpoint continues exactly as the uninterrupted run would have.
+
+``part`` says which rows of the step's batch to compute (:class:`Part`): the whole batch, or with
+``LoopConfig.workers`` > 1 one of that many blocks of rows, each worker thread computing the forward and
+backward of its block with its share of the intra-op threads; the loss and parts it returns are its
+block's shares (summed over the blocks they give the batch's). Why: on a few CPU cores the small
+tensors of a small model keep a second intra-op thread mostly idle (one step of the embedded UNet takes
+0.36 s on 2 threads and 0.41 s on 1), while two workers of one thread each run side by side.
 
 Files in ``out_dir``: ``checkpoint.pt`` (weights, EMA, optimiser, step, RNG state, config; written
 atomically every ``checkpoint_every`` steps, at the end and when the time limit stops the run) and
@@ -17,7 +24,9 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,9 +37,28 @@ from tqdm.auto import tqdm
 
 from openldm.train.ema import EMA
 
-LossFn = Callable[[int], tuple[Tensor, dict[str, float]]]
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class Part:
+    """The rows of a step's batch one worker computes: block ``index`` of ``count`` contiguous blocks."""
+
+    index: int = 0
+    count: int = 1
+
+    def rows(self, batch_size: int) -> slice:
+        return slice(self.index * batch_size // self.count, (self.index + 1) * batch_size // self.count)
+
+    def share(self, batch_size: int) -> float:
+        """The block's fraction of the batch: what a mean over the batch weighs the block's mean by."""
+        rows = self.rows(batch_size)
+        return (rows.stop - rows.start) / batch_size
+
+
+WHOLE = Part()
+LossFn = Callable[[int, Part], tuple[Tensor, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,9 @@ class LoopConfig:
     log_every: int = 10
     # Stop (with a checkpoint) once this invocation has run this long; None: no limit.
     minutes: float | None = None
+    # Threads that each compute a block of the batch (module docstring); the intra-op threads are shared
+    # out among them. Changes the floating-point summation order only, not what is trained.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -57,6 +88,8 @@ class LoopConfig:
             raise ValueError(f"need lr > 0 and warmup_steps >= 0, got {self.lr} and {self.warmup_steps}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use 'constant' or 'cosine'")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): linear warm-up, then constant or cosine."""
@@ -114,44 +147,80 @@ def train_loop(
     parts_sum: dict[str, float] = {}
     last_loss = float("nan")
     model.train()
-    while step < config.steps:
-        lr = config.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, parts = loss_fn(step)
-        if not torch.isfinite(loss):
-            _save(out, model, optimizer, ema, step, config)
-            raise FloatingPointError(
-                f"{desc}: the loss is {loss.item()} at step {step}; lower the learning rate "
-                f"(the last good state is in {out / CHECKPOINT})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-        optimizer.step()
-        ema.update(model)
-        step += 1
-        window.append(loss.item())
-        for key, value in parts.items():
-            parts_sum[key] = parts_sum.get(key, 0.0) + value
-        bar.update(1)
-        if step % config.log_every == 0 or step == config.steps:
-            last_loss = sum(window) / len(window)
-            entry = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm}
-            entry.update({k: v / len(window) for k, v in parts_sum.items()})
-            entry["seconds"] = round(time.perf_counter() - start_time, 2)
-            with open(out / LOG, "a", encoding="utf-8") as log:
-                log.write(json.dumps(entry) + "\n")
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            window, parts_sum = [], {}
-        timed_out = deadline is not None and time.perf_counter() > deadline
-        if step % config.checkpoint_every == 0 or step == config.steps or timed_out:
-            _save(out, model, optimizer, ema, step, config)
-        if timed_out:
-            break
+    with _workers(config.workers) as pool:
+        while step < config.steps:
+            lr = config.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts = _forward_backward(loss_fn, step, config.workers, pool)
+            if not torch.isfinite(loss):
+                _save(out, model, optimizer, ema, step, config)
+                raise FloatingPointError(
+                    f"{desc}: the loss is {loss.item()} at step {step}; lower the learning rate "
+                    f"(the last good state is in {out / CHECKPOINT})"
+                )
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            optimizer.step()
+            ema.update(model)
+            step += 1
+            window.append(loss.item())
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                last_loss = sum(window) / len(window)
+                entry = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm}
+                entry.update({k: v / len(window) for k, v in parts_sum.items()})
+                entry["seconds"] = round(time.perf_counter() - start_time, 2)
+                with open(out / LOG, "a", encoding="utf-8") as log:
+                    log.write(json.dumps(entry) + "\n")
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                window, parts_sum = [], {}
+            timed_out = deadline is not None and time.perf_counter() > deadline
+            if step % config.checkpoint_every == 0 or step == config.steps or timed_out:
+                _save(out, model, optimizer, ema, step, config)
+            if timed_out:
+                break
     bar.close()
     model.eval()
     return LoopResult(step, step >= config.steps, time.perf_counter() - start_time, last_loss)
+
+
+@contextmanager
+def _workers(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """A pool of ``workers`` threads (None for one), the intra-op threads shared out among them."""
+    if workers == 1:
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="train-worker") as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _forward_backward(
+    loss_fn: LossFn, step: int, workers: int, pool: ThreadPoolExecutor | None
+) -> tuple[Tensor, dict[str, float]]:
+    """The step's loss and parts over the whole batch, its gradients accumulated in the parameters."""
+
+    def run(part: Part) -> tuple[Tensor, dict[str, float]]:
+        loss, parts = loss_fn(step, part)
+        loss.backward()
+        return loss.detach(), parts
+
+    if pool is None:
+        return run(WHOLE)
+    results = list(pool.map(run, [Part(i, workers) for i in range(workers)]))
+    loss = torch.stack([r[0] for r in results]).sum()
+    parts: dict[str, float] = {}
+    for _, block_parts in results:
+        for key, value in block_parts.items():
+            parts[key] = parts.get(key, 0.0) + value
+    return loss, parts
 
 
 def load_ema_weights(out_dir: str | Path, model: nn.Module) -> int:

@@ -86,25 +86,30 @@ def diffusion_loss(
     prediction_type: str,
     generator: torch.Generator,
     min_snr_gamma: float | None = None,
+    rows: slice | None = None,
 ) -> Tensor:
     """The DDPM objective: MSE between the UNet's output on ``x_t`` and the eps or v target.
 
     ``t`` is uniform over the training timesteps and ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``
     (the DDPM picture the UNet sees at sampling time too). Noise and ``t`` come from the CPU
-    ``generator``, so the loss is the same on every device.
+    ``generator``, so the loss is the same on every device. With ``rows`` only those rows of the batch
+    ``x0`` go through the UNet, ``context`` holding those rows' contexts only, with the draws made for
+    the whole batch; the result is their share of the batch's loss (the blocks' shares add up to it).
     """
     batch = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    if rows is not None:
+        x0, t, noise = x0[rows], t[rows], noise[rows]
     alpha_bar = schedule.alphas_cumprod[t].to(x0.device, x0.dtype)
     a = alpha_bar[:, None, None, None]
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
     prediction = unet(noisy, t.to(x0.device), context=context)
     target = diffusion_target(x0, noise, alpha_bar, prediction_type).float()
-    if min_snr_gamma is None:
-        return F.mse_loss(prediction.float(), target)
     errors = (prediction.float() - target).pow(2).flatten(1).mean(1)
-    return (errors * min_snr_weights(alpha_bar.float(), min_snr_gamma, prediction_type)).mean()
+    if min_snr_gamma is not None:
+        errors = errors * min_snr_weights(alpha_bar.float(), min_snr_gamma, prediction_type)
+    return errors.sum() / batch
 
 
 def min_snr_weights(alpha_bar: Tensor, gamma: float, prediction_type: str) -> Tensor:

@@ -45,7 +45,7 @@ from openldm.shapes.dataset import HELD_OUT, evaluation_scenes, sample_scene
 from openldm.shapes.render import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES, Scene
 from openldm.tokenizer import CLIPTokenizer
 from openldm.train.data import STREAM_BATCH, step_generator
-from openldm.train.loop import LoopConfig, LoopResult, load_ema_weights, train_loop
+from openldm.train.loop import LoopConfig, LoopResult, Part, load_ema_weights, train_loop
 
 log = logging.getLogger("openldm")
 TEXT_STREAM = 7  # caption scenes come from a generator stream of their own
@@ -182,31 +182,42 @@ def parse_loss(
     targets: torch.Tensor,
     eos: int,
     objects: torch.Tensor | None = None,
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted cross-entropy of the scene families over every caption's reading positions, plus (given
     the per-token ``objects`` targets) the objects' colour and kind cross-entropy and their cells'
     binary cross-entropy (summed over the cells) at every token that describes an object, weighted by
-    ``OBJECT_WEIGHT``; ``parts`` holds the unweighted terms."""
-    states = parser.text(ids)
+    ``OBJECT_WEIGHT``; ``parts`` holds the unweighted terms. With ``rows`` only those captions go through
+    the encoder, and the terms are their shares of the batch's (means over the whole batch's positions).
+    """
     mask = reading_positions(ids, eos)
-    rows = mask.nonzero()[:, 0]
-    wanted = split_targets(targets[rows])
+    described = objects[..., 0] != NOT_AN_OBJECT if objects is not None else None
+    reading, describing = int(mask.sum()), int(described.sum()) if described is not None else 0
+    if rows is not None:
+        ids, targets, mask = ids[rows], targets[rows], mask[rows]
+        if objects is not None and described is not None:
+            objects, described = objects[rows], described[rows]
+    states = parser.text(ids)
+    wanted = split_targets(targets[mask.nonzero()[:, 0]])
     losses, parts = [], {}
     for name, logits in parser.read(states[mask]).items():
-        loss = FAMILY_WEIGHTS[name] * F.cross_entropy(logits.flatten(0, 1), wanted[name].flatten())
+        total = F.cross_entropy(logits.flatten(0, 1), wanted[name].flatten(), reduction="sum")
+        loss = FAMILY_WEIGHTS[name] * total / (reading * wanted[name].shape[1])
         losses.append(loss)
         parts[name] = float(loss.detach())
-    if objects is not None:
-        described = objects[..., 0] != NOT_AN_OBJECT
+    if objects is not None and described is not None:
         rows_wanted = objects[described]
         logits = parser.read_objects(states[described])
+        cells = F.binary_cross_entropy_with_logits(
+            logits["cells"], rows_wanted[:, 2:].float(), reduction="sum"
+        )
         object_losses = {
-            "object_colour": F.cross_entropy(logits["colour"], rows_wanted[:, 0]),
-            "object_kind": F.cross_entropy(logits["kind"], rows_wanted[:, 1]),
-            "object_cells": F.binary_cross_entropy_with_logits(logits["cells"], rows_wanted[:, 2:].float())
-            * len(POSITIONS),
+            "object_colour": F.cross_entropy(logits["colour"], rows_wanted[:, 0], reduction="sum"),
+            "object_kind": F.cross_entropy(logits["kind"], rows_wanted[:, 1], reduction="sum"),
+            "object_cells": cells,  # the mean over the cells times their number: the sum over them
         }
-        for name, loss in object_losses.items():
+        for name, total in object_losses.items():
+            loss = total / describing
             losses.append(OBJECT_WEIGHT * loss)
             parts[name] = float(loss.detach())
     return torch.stack(losses).sum(), parts
@@ -281,11 +292,12 @@ def train_text_encoder(
     parser.to(device)
     eos = tokenizer.end_token_id
 
-    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(step: int, part: Part) -> tuple[torch.Tensor, dict[str, float]]:
         generator = step_generator(recipe.seed, STREAM_BATCH, step)
         chosen = torch.randint(len(ids), (recipe.batch_size,), generator=generator)
         batch = ids[chosen].to(device), targets[chosen].to(device), eos
-        return parse_loss(parser, *batch, objects[chosen].to(device) if recipe.object_targets else None)
+        wanted = objects[chosen].to(device) if recipe.object_targets else None
+        return parse_loss(parser, *batch, wanted, rows=part.rows(recipe.batch_size))
 
     result = train_loop(
         parser, loss_fn, recipe.loop, Path(out_dir), resume=resume, desc="text", progress=progress

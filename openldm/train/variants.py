@@ -67,7 +67,7 @@ from openldm.train.data import (
     drop_captions,
     step_generator,
 )
-from openldm.train.loop import LoopConfig, LoopResult, load_ema_weights, train_loop
+from openldm.train.loop import LoopConfig, LoopResult, Part, load_ema_weights, train_loop
 from openldm.train.losses import diffusion_loss
 
 if TYPE_CHECKING:
@@ -456,14 +456,20 @@ def variant_recipe(kind: str, base: ModelSpec | None = None) -> VariantRecipe:
 
 
 def with_loop(
-    recipe: VariantRecipe, *, steps: int | None = None, minutes: float | None = None
+    recipe: VariantRecipe,
+    *,
+    steps: int | None = None,
+    minutes: float | None = None,
+    workers: int | None = None,
 ) -> VariantRecipe:
-    """The recipe with its step count and/or time budget replaced."""
+    """The recipe with its step count, time budget and/or worker threads replaced."""
     loop = recipe.loop
     if steps is not None:
         loop = dataclasses.replace(loop, steps=steps, warmup_steps=min(loop.warmup_steps, steps // 10))
     if minutes is not None:
         loop = dataclasses.replace(loop, minutes=minutes)
+    if workers is not None:
+        loop = dataclasses.replace(loop, workers=workers)
     return dataclasses.replace(recipe, loop=loop)
 
 
@@ -519,8 +525,9 @@ def train_variant(
     empty = model.tokenizer("")[0]
     seed = recipe.seed
 
-    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(step: int, part: Part) -> tuple[torch.Tensor, dict[str, float]]:
         indices = cache.latents.indices(seed, step, recipe.batch_size)
+        rows = part.rows(len(indices))
         x0 = cache.latents.sample(indices, step_generator(seed, STREAM_POSTERIOR, step)) * scale
         extra = cache.concat(
             indices,
@@ -535,12 +542,12 @@ def train_variant(
             step_generator(seed, STREAM_DROPOUT, step),
         )
         with torch.no_grad():
-            context = text(ids.to(device))
+            context = text(ids[rows].to(device))
         x0 = x0.to(device).contiguous(memory_format=torch.channels_last)
-        conditioned = ConcatInput(unet, extra.to(device))
+        conditioned = ConcatInput(unet, extra[rows].to(device))
         noise = step_generator(seed, STREAM_NOISE, step)
         loss = diffusion_loss(
-            conditioned, schedule, x0, context, model.spec.prediction_type, noise, recipe.min_snr_gamma
+            conditioned, schedule, x0, context, model.spec.prediction_type, noise, recipe.min_snr_gamma, rows
         )
         return loss, {}
 
@@ -632,7 +639,8 @@ def run_variant_command(args: argparse.Namespace) -> dict[str, object]:
     """``openldm train --stage inpaint|depth``: the report of :func:`run_variant`."""
     from openldm.embedded import embedded_file
 
-    recipe = with_loop(variant_recipe(args.stage), steps=args.steps, minutes=args.minutes)
+    loop_changes = {"steps": args.steps, "minutes": args.minutes, "workers": args.workers}
+    recipe = with_loop(variant_recipe(args.stage), **loop_changes)
     base = Path(args.base) if args.base else embedded_file()
     export = None if args.export == "none" else Path(args.export or default_export_path(args.stage))
     return run_variant(
