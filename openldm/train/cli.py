@@ -69,7 +69,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--minutes",
         type=float,
         help="wall-time budget of this invocation, shared between the stages in the recipe's "
-        "proportions; a stage that runs out stops with a checkpoint (default: the recipe's, 59 in all)",
+        "proportions; a stage that runs out stops with a checkpoint (default: the recipe's, 57 in all)",
     )
     parser.add_argument("--steps", type=int, help="steps of each stage run (default: the recipe's)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
