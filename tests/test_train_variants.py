@@ -5,6 +5,7 @@ and resumes bit for bit, and the UNet-only export stays in budget and merges wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -309,6 +310,18 @@ def test_resume_continues_bit_for_bit(tmp_path, base_path):
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     with pytest.raises(FileExistsError, match="--resume"):
         train_variant(_recipe("inpaint", 6), load_base(base_path, BASE), tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_workers_train_a_variant_as_one(tmp_path, base_path, kind):
+    one, _ = train_variant(_recipe(kind, 4), load_base(base_path, BASE), tmp_path / "one", progress=False)
+    recipe = _recipe(kind, 4)
+    two_workers = dataclasses.replace(recipe, loop=dataclasses.replace(recipe.loop, workers=2))
+    two, _ = train_variant(two_workers, load_base(base_path, BASE), tmp_path / "two", progress=False)
+    # each step's loss is the blocks' sum: a block weighed wrong, or given other rows' inputs, shows
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-5)
+    x, y = (torch.cat([v.flatten() for v in m.state_dict().values()]) for m in (one, two))
+    assert float((x - y).norm() / x.norm()) < 1e-3  # AdamW: summation order only (test_train_workers.py)
 
 
 # --- export and merge ---------------------------------------------------------------------------
