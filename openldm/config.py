@@ -182,7 +182,8 @@ X4_VAE = VAEConfig(ch_mult=(1, 2, 4), scale_factor=0.08333)
 # dataset: an SD 1 architecture at a size whose fp16 weights fit in 25 MB. Head counts follow the rules
 # the loader infers from weights (8 UNet heads, 64-wide text heads); the scale factor is the one the
 # training measured (1 / std of the latents). The preset describes the packaged file; the current
-# recipe trains 4 text heads (openldm/train/embedded.py), which its files state in their metadata.
+# recipe (openldm/train/embedded.py) trains 4 text heads, which its files state in their metadata, and a
+# UNet of 96 channels at every level, whose sizes the loader reads off the weights.
 EMBEDDED_TEXT = TextConfig(width=64, layers=4, heads=1, mlp_width=256)
 EMBEDDED_UNET = UNetConfig(
     model_channels=64,

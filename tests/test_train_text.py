@@ -165,7 +165,7 @@ def test_frozen_contexts_are_the_encoders_outputs_then_the_empty_caption():
     text = CaptionParser(TEXT).text.eval()
     tokenizer = CLIPTokenizer.for_config(TEXT)
     ids = tokenizer(["a red circle", "two blue squares on the left and at the top", "a green bar"])
-    contexts = frozen_contexts(text, ids, "cpu", batch_size=2)
+    contexts = frozen_contexts(text, ids, tokenizer("")[0], "cpu", batch_size=2)
     with torch.no_grad():
         assert torch.allclose(contexts[:3], text(ids), atol=1e-6)
         assert torch.allclose(contexts[3], text(tokenizer(""))[0], atol=1e-6)

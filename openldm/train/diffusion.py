@@ -127,12 +127,15 @@ def load_or_build_cache(
 
 @torch.no_grad()
 def frozen_contexts(
-    text: CLIPTextEncoder, ids: torch.Tensor, device: torch.device | str, batch_size: int = 256
+    text: CLIPTextEncoder,
+    ids: torch.Tensor,
+    empty: torch.Tensor,
+    device: torch.device | str,
+    batch_size: int = 256,
 ) -> torch.Tensor:
-    """``[N + 1, 77, width]``: the contexts of the ``N`` captions ``ids``, then the empty caption's
-    (the caption-dropout context), on ``device``."""
-    tokenizer = CLIPTokenizer.for_config(text.config)
-    rows = torch.cat([ids, tokenizer("")])
+    """``[N + 1, 77, width]``: the contexts of the ``N`` captions ``ids``, then that of ``empty`` (the
+    empty caption's ids: the caption-dropout context), on ``device``."""
+    rows = torch.cat([ids, empty[None]])
     return torch.cat([text(rows[i : i + batch_size].to(device)) for i in range(0, len(rows), batch_size)])
 
 
@@ -168,7 +171,7 @@ def train_diffusion(
     schedule = NoiseSchedule(recipe.schedule)
     empty = tokenizer("")[0]
     # A frozen encoder gives each cached caption the same context every step: computed once.
-    contexts = frozen_contexts(model.text, cache.ids, device) if recipe.frozen_text else None
+    contexts = frozen_contexts(model.text, cache.ids, empty, device) if recipe.frozen_text else None
 
     def loss_fn(step: int, part: Part) -> tuple[torch.Tensor, dict[str, float]]:
         indices = cache.indices(recipe.seed, step, recipe.batch_size)

@@ -191,12 +191,11 @@ def parse_loss(
     the encoder, and the terms are their shares of the batch's (means over the whole batch's positions).
     """
     mask = reading_positions(ids, eos)
-    described = objects[..., 0] != NOT_AN_OBJECT if objects is not None else None
-    reading, describing = int(mask.sum()), int(described.sum()) if described is not None else 0
+    reading = int(mask.sum())
+    describing = int((objects[..., 0] != NOT_AN_OBJECT).sum()) if objects is not None else 0
     if rows is not None:
         ids, targets, mask = ids[rows], targets[rows], mask[rows]
-        if objects is not None and described is not None:
-            objects, described = objects[rows], described[rows]
+        objects = objects[rows] if objects is not None else None
     states = parser.text(ids)
     wanted = split_targets(targets[mask.nonzero()[:, 0]])
     losses, parts = [], {}
@@ -205,7 +204,8 @@ def parse_loss(
         loss = FAMILY_WEIGHTS[name] * total / (reading * wanted[name].shape[1])
         losses.append(loss)
         parts[name] = float(loss.detach())
-    if objects is not None and described is not None:
+    if objects is not None:
+        described = objects[..., 0] != NOT_AN_OBJECT
         rows_wanted = objects[described]
         logits = parser.read_objects(states[described])
         cells = F.binary_cross_entropy_with_logits(
