@@ -314,8 +314,8 @@ def test_resume_continues_bit_for_bit(tmp_path, base_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_workers_train_a_variant_as_one(tmp_path, base_path, kind):
-    one, _ = train_variant(_recipe(kind, 4), load_base(base_path, BASE), tmp_path / "one", progress=False)
     recipe = _recipe(kind, 4)
+    one, _ = train_variant(recipe, load_base(base_path, BASE), tmp_path / "one", progress=False)
     two_workers = dataclasses.replace(recipe, loop=dataclasses.replace(recipe.loop, workers=2))
     two, _ = train_variant(two_workers, load_base(base_path, BASE), tmp_path / "two", progress=False)
     # each step's loss is the blocks' sum: a block weighed wrong, or given other rows' inputs, shows
