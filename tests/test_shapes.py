@@ -262,3 +262,19 @@ def test_depth_order_apart_from_the_detection():
     assert scores["found_pairs"] < scores["pairs"]
     assert scores["order"] == pytest.approx(scores["found_pairs"] / scores["pairs"] * scores["order_found"])
     assert scores["order_found"] >= 0.95 and scores["order"] < 0.9
+
+
+def test_canonical_fraction_swaps_captions_only():
+    plain = ShapesDataset(seed=4, size=32, length=400)
+    canonical = ShapesDataset(seed=4, size=32, length=400, canonical_fraction=0.5)
+    swapped = 0
+    for i in range(400):
+        a, b = plain[i], canonical[i]
+        assert a.scene == b.scene and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        assert b.caption in (a.caption, explicit_caption(b.scene))
+        swapped += b.caption != a.caption
+    assert 160 < swapped < 240  # about half (a varied caption may equal the canonical one)
+    everything = ShapesDataset(seed=4, size=32, length=10, canonical_fraction=1.0)
+    assert all(everything[i].caption == explicit_caption(everything[i].scene) for i in range(10))
+    with pytest.raises(ValueError, match="canonical_fraction"):
+        ShapesDataset(seed=4, canonical_fraction=1.5)

@@ -45,6 +45,7 @@ OBJECT_COUNT_WEIGHTS = (0.4, 0.35, 0.25)
 DENSE_COUNTS = (4, 9)  # shapes in a dense (autoencoder) scene, inclusive
 REPEAT_RATE = 0.25  # chance that a further object copies the colour and kind of an earlier one
 EVAL_STREAM = 1  # evaluation scenes come from a generator stream disjoint from training samples'
+CANONICAL_STREAM = 99  # whether a training sample's caption is the canonical one (canonical_fraction)
 # Off-palette paints (autoencoder images only) stay at least this far (RGB distance) from every palette
 # colour: they teach outlines apart from colours without showing any palette colour-kind pair.
 OFF_PALETTE_DISTANCE = 60.0
@@ -157,6 +158,10 @@ class ShapesDataset(Dataset):
     paint every object in an off-palette colour (:func:`off_palette_colour`; caption empty): an
     autoencoder that only ever sees palette pairs learns to draw a shape's outline from its colour
     ("yellow" is never a circle) and fails on held-out pairs; random paints make it encode the outline.
+    With ``canonical_fraction`` > 0 that fraction of the captioned samples take the canonical
+    :func:`~openldm.shapes.captions.explicit_caption` (every object's colour, kind and cell stated in
+    plain words) instead of a varied one; the draw has a stream of its own, so images and scenes stay
+    the same.
     """
 
     def __init__(
@@ -167,16 +172,21 @@ class ShapesDataset(Dataset):
         held_out: frozenset[tuple[str, str]] = HELD_OUT,
         dense_fraction: float = 0.0,
         recolour_fraction: float = 0.0,
+        canonical_fraction: float = 0.0,
     ) -> None:
         _check_held_out(held_out)
         if length <= 0:
             raise ValueError(f"dataset length must be positive, got {length}")
-        if not 0.0 <= dense_fraction <= 1.0:
-            raise ValueError(f"dense_fraction must be in [0, 1], got {dense_fraction}")
-        if not 0.0 <= recolour_fraction <= 1.0:
-            raise ValueError(f"recolour_fraction must be in [0, 1], got {recolour_fraction}")
+        for name, fraction in (
+            ("dense_fraction", dense_fraction),
+            ("recolour_fraction", recolour_fraction),
+            ("canonical_fraction", canonical_fraction),
+        ):
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {fraction}")
         self.seed, self.size, self.length, self.held_out = seed, size, length, frozenset(held_out)
         self.dense_fraction, self.recolour_fraction = dense_fraction, recolour_fraction
+        self.canonical_fraction = canonical_fraction
 
     def __len__(self) -> int:
         return self.length
@@ -195,6 +205,9 @@ class ShapesDataset(Dataset):
         if self.recolour_fraction and rng.random() < self.recolour_fraction:
             paints = [off_palette_colour(rng, o.kind, self.held_out) for o in scene.objects]
             text = ""
+        if text and self.canonical_fraction:
+            if np.random.default_rng([self.seed, i, CANONICAL_STREAM]).random() < self.canonical_fraction:
+                text = explicit_caption(scene)
         rendered = render(scene, self.size, paints)
         return Sample(rendered.image, text, scene, rendered.masks, rendered.depth)
 

@@ -57,6 +57,7 @@ class DiffusionRecipe:
     image_size: int = 64
     batch_size: int = 32
     cache_size: int = 20_000  # images encoded once and drawn from for the whole stage
+    canonical_fraction: float = 0.0  # cached captions that are the canonical one (ShapesDataset)
     caption_dropout: float = CAPTION_DROPOUT
     min_snr_gamma: float | None = None  # min-SNR loss weighting (losses.min_snr_weights); None: plain MSE
     # True: the text encoder comes pre-trained (train/text_encoder.py) and stays frozen, as in Stable
@@ -117,7 +118,12 @@ def load_or_build_cache(
         cache = LatentCache.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if len(cache) == recipe.cache_size:
             return cache
-    dataset = ShapesDataset(recipe.dataset_seed + CACHE_SEED_OFFSET, recipe.image_size, recipe.cache_size)
+    dataset = ShapesDataset(
+        recipe.dataset_seed + CACHE_SEED_OFFSET,
+        recipe.image_size,
+        recipe.cache_size,
+        canonical_fraction=recipe.canonical_fraction,
+    )
     log.info("encoding %d images into the latent cache %s", recipe.cache_size, path)
     cache = build_latent_cache(vae, dataset, recipe.cache_size, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,13 @@ def embedded_recipe() -> Recipe:
         image_size=spec.image_size,
         batch_size=32,
         cache_size=10_000,
+        # Half the captions canonical ("a red circle in the top left corner and a blue square at the
+        # bottom on a white background"), half varied (synonyms, templates, relations, no positions).
+        # Measured with the same autoencoder, text encoder and 4700 steps (two seeds of openldm eval,
+        # mean): seen colour / kind / position / count 91.0 / 86.2 / 89.9 / 78.6 against 86.9 / 82.6 /
+        # 75.0 / 71.1 with varied captions only (5000 steps); held-out kind 66 against 64.5. Varied
+        # captions of two or three objects give cells only by relation or not at all 45% of the time.
+        canonical_fraction=0.5,
         min_snr_gamma=5.0,
         frozen_text=True,
         loop=LoopConfig(
