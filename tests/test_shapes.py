@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from openldm.shapes.captions import COLOUR_WORDS, KIND_WORDS, caption, explicit_caption, relation
+from openldm.shapes.captions import (
+    COLOUR_WORDS,
+    KIND_WORDS,
+    caption,
+    explicit_caption,
+    omit_attribute,
+    relation,
+)
 from openldm.shapes.dataset import (
     DENSE_COUNTS,
     HELD_OUT,
@@ -64,6 +71,16 @@ def test_captions_name_every_object_and_are_deterministic():
         assert text == caption(scene, np.random.default_rng(7))
         assert all(_mentions(text, o) for o in scene.objects), text
         assert all(_mentions(explicit_caption(scene), o) for o in scene.objects)
+
+
+def test_omit_attribute_leaves_the_colour_or_the_kind_unsaid():
+    phrase = "an orange circle in the top left corner"
+    assert omit_attribute(phrase, "colour") == "a circle in the top left corner"
+    assert omit_attribute(phrase, "kind") == "an orange shape in the top left corner"
+    assert omit_attribute("two small azure boxes above ", "kind") == "two small azure shapes above "
+    assert omit_attribute("a emerald disc", "colour") == "a disc"
+    with pytest.raises(ValueError, match="states no colour"):
+        omit_attribute("a circle", "colour")
 
 
 def test_explicit_caption_counts_and_relations():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -18,6 +19,7 @@ from openldm.train.diffusion import DiffusionRecipe, frozen_contexts, train_diff
 from openldm.train.loop import LoopConfig
 from openldm.train.text_encoder import (
     OBJECT_WEIGHT,
+    UNSTATED,
     CaptionParser,
     TextRecipe,
     caption_pool,
@@ -25,6 +27,7 @@ from openldm.train.text_encoder import (
     object_accuracy,
     parse_accuracy,
     parse_loss,
+    partial_captions,
     reading_positions,
     scene_targets,
     span_ends,
@@ -105,6 +108,59 @@ def test_token_targets_mark_each_phrase_with_its_objects():
     assert targets[14:20].tolist() == [blue] * 6  # "a blue square in the centre"
     assert (targets[20:] == -1).all()  # the background, the end token and the padding
     assert span_ends(spans, tokenizer) == [12, 19]
+
+
+def test_stated_only_targets_start_at_the_words_that_state_them():
+    scene = Scene(
+        background="white",
+        objects=(ShapeObject(kind="triangle", colour="yellow", size="small", position="top right"),),
+    )
+    spans = [("a picture of ", ()), ("a small golden triangle at the top right", (0,))]
+    tokenizer = CLIPTokenizer.for_config(TEXT)
+    full = token_targets(spans, scene, tokenizer)
+    stated = token_targets(spans, scene, tokenizer, stated_only=True)
+    phrase = slice(4, 4 + len(tokenizer.encode(spans[1][0])))  # start token + "a picture of"
+    colour, kind = full[phrase, 0].tolist(), full[phrase, 1].tolist()
+    # "a small golden triangle ...": the colour from "golden" (the third token) on, the kind from the
+    # last token of "triangle" on; the cells everywhere in the phrase, as without stated_only.
+    colour_at = 2
+    kind_at = len(tokenizer.encode("a small golden triangle")) - 1
+    assert stated[phrase, 0].tolist() == [UNSTATED] * colour_at + colour[colour_at:]
+    assert stated[phrase, 1].tolist() == [UNSTATED] * kind_at + kind[kind_at:]
+    assert torch.equal(stated[:, 2:], full[:, 2:]) and torch.equal(stated[:4], full[:4])
+    # The unstated tokens add no colour or kind term: the loss is that of the stated ones.
+    torch.manual_seed(0)
+    parser = CaptionParser(TEXT)
+    ids = tokenizer([spans[0][0] + spans[1][0]])
+    targets = scene_targets(scene)[None]
+    _, parts = parse_loss(parser, ids, targets, EOS, stated[None])
+    logits = parser.read_objects(parser.text(ids)[0, phrase])
+    wanted = stated[phrase, 1]
+    known = wanted != UNSTATED
+    expected = nn.functional.cross_entropy(logits["kind"][known], wanted[known], reduction="sum").detach()
+    assert abs(parts["object_kind"] - expected.item() / len(wanted)) < 1e-5
+
+
+def test_partial_captions_leave_attributes_unsaid_without_targets():
+    tokenizer = CLIPTokenizer.for_config(TEXT)
+    ids, targets, objects = caption_pool(0, 300, tokenizer, stated_only=True, partial_rate=0.5)
+    plain_ids, plain_targets, _ = caption_pool(0, 300, tokenizer, stated_only=True)
+    # The same scenes; only the unsaid attributes' scene targets are dropped, nothing else changes.
+    dropped = targets == UNSTATED
+    assert dropped.any() and torch.equal(targets[~dropped], plain_targets[~dropped])
+    assert not dropped[:, 0].any() and not dropped[:, 19:].any()  # background and sizes stay
+    kinds = {tokenizer.encode(word)[0] for word in ("shape", "shapes")}
+    for row in range(300):
+        generic = [i + 1 for i, t in enumerate(ids[row].tolist()[1:]) if t in kinds]
+        # A phrase with "shape(s)" has no kind target on any of its tokens.
+        for position in generic:
+            assert objects[row, position, 1] == UNSTATED and objects[row, position, 0] >= 0
+    assert (objects[..., 1] == UNSTATED).sum() > (objects[..., 0] == UNSTATED).sum() > 0
+    rng = np.random.default_rng(0)
+    spans = [("a picture of ", ()), ("a red circle", (0,))]
+    assert partial_captions(spans, rng, 0.0) == (spans, [])
+    with pytest.raises(ValueError, match="needs stated_only"):
+        caption_pool(0, 2, tokenizer, partial_rate=0.5)
 
 
 def test_caption_spans_join_to_the_training_caption():

@@ -44,6 +44,10 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "bottom": ("at the bottom", "at the bottom centre", "along the bottom edge"),
     "bottom right": ("in the bottom right corner", "at the bottom right", "in the lower right"),
 }
+COLOUR_VOCABULARY = frozenset(word for words in COLOUR_WORDS.values() for word in words)
+KIND_VOCABULARY = frozenset(word for forms in KIND_WORDS.values() for pair in forms for word in pair)
+PLURAL_KINDS = frozenset(plural for forms in KIND_WORDS.values() for _, plural in forms)
+GENERIC_KIND = ("shape", "shapes")  # the word that stands for a kind an object phrase leaves unsaid
 NUMBERS = ("no", "one", "two", "three")
 PREFIXES = ("", "", "", "a picture of ", "an image of ", "a drawing of ", "a simple illustration of ")
 BACKGROUND_TEMPLATES = (" on {} background", " on {} background", " against {} backdrop", " on {}")
@@ -182,3 +186,25 @@ def explicit_spans(scene: Scene) -> Spans:
 def explicit_caption(scene: Scene) -> str:
     """The canonical caption stating every object's colour, kind, position and count, and the background."""
     return joined(explicit_spans(scene))
+
+
+def word_index(words: list[str], vocabulary: frozenset[str]) -> int | None:
+    """The index of the first of ``words`` in ``vocabulary``, or None."""
+    return next((i for i, word in enumerate(words) if word in vocabulary), None)
+
+
+def omit_attribute(phrase: str, attribute: str) -> str:
+    """An object phrase that leaves its colour unsaid ("a circle in the centre") or its kind ("a red
+    shape in the centre")."""
+    words = phrase.split(" ")
+    vocabulary = {"colour": COLOUR_VOCABULARY, "kind": KIND_VOCABULARY}[attribute]
+    at = word_index(words, vocabulary)
+    if at is None:
+        raise ValueError(f"the object phrase {phrase!r} states no {attribute}")
+    if attribute == "kind":
+        words[at] = GENERIC_KIND[words[at] in PLURAL_KINDS]
+        return " ".join(words)
+    del words[at]
+    if at > 0 and words[at - 1] in ("a", "an"):
+        words[at - 1] = "an" if words[at][0] in "aeiou" else "a"
+    return " ".join(words)

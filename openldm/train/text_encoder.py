@@ -40,7 +40,16 @@ from torch.nn import functional as F
 
 from openldm.config import TextConfig
 from openldm.nn.clip import CLIPTextEncoder
-from openldm.shapes.captions import Spans, caption_spans, explicit_spans, joined
+from openldm.shapes.captions import (
+    COLOUR_VOCABULARY,
+    KIND_VOCABULARY,
+    Spans,
+    caption_spans,
+    explicit_spans,
+    joined,
+    omit_attribute,
+    word_index,
+)
 from openldm.shapes.dataset import HELD_OUT, evaluation_scenes, sample_scene
 from openldm.shapes.render import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES, Scene
 from openldm.tokenizer import CLIPTokenizer
@@ -61,6 +70,8 @@ FAMILY_WEIGHTS = {"background": 1.0, "colour": 1.0, "kind": 1.0, "size": 0.5}
 # cells they stand in (multi-hot); -1 where a token describes no object (prefix, separators, background).
 OBJECT_PARTS = (("colour", len(COLOURS)), ("kind", len(KINDS)), ("cells", len(POSITIONS)))
 NOT_AN_OBJECT = -1
+UNSTATED = -100  # a colour or kind target left out (cross_entropy's ignore_index)
+PARTIAL_STREAM = 11  # which object phrases of a pool caption leave an attribute unsaid (partial_rate)
 OBJECT_WEIGHT = 0.5  # of the object terms against the scene families (about 5 and 6.4 at the start)
 
 
@@ -71,12 +82,15 @@ class TextRecipe:
     batch_size: int = 128
     pool_size: int = 30_000  # captions generated once and drawn from
     object_targets: bool = True  # also read each token's object (parse_loss)
+    stated_only: bool = False  # object colour and kind targets from their words on (token_targets)
+    partial_rate: float = 0.0  # object phrases that leave their colour or kind unsaid (caption_pool)
     dataset_seed: int = 0
     seed: int = 0
 
 
-def scene_targets(scene: Scene) -> torch.Tensor:
-    """Class indices ``[28]`` of ``scene``: the background, then colour, kind and size per cell."""
+def scene_targets(scene: Scene, unsaid: list[tuple[int, str]] = ()) -> torch.Tensor:
+    """Class indices ``[28]`` of ``scene``: the background, then colour, kind and size per cell
+    (``UNSTATED``: no target, for the ``(object, attribute)`` pairs a caption left ``unsaid``)."""
     cells = len(POSITIONS)
     colour, kind, size = [0] * cells, [0] * cells, [0] * cells
     for obj in scene.objects:
@@ -84,6 +98,9 @@ def scene_targets(scene: Scene) -> torch.Tensor:
         colour[cell] = COLOURS.index(obj.colour) + 1
         kind[cell] = KINDS.index(obj.kind) + 1
         size[cell] = tuple(SIZES).index(obj.size) + 1
+    for index, attribute in unsaid:
+        cell = POSITIONS.index(scene.objects[index].position)
+        (colour if attribute == "colour" else kind)[cell] = UNSTATED
     return torch.tensor([BACKGROUNDS.index(scene.background), *colour, *kind, *size])
 
 
@@ -103,13 +120,20 @@ def span_tokens(spans: Spans, tokenizer: CLIPTokenizer) -> list[tuple[int, int, 
     return result
 
 
-def token_targets(spans: Spans, scene: Scene, tokenizer: CLIPTokenizer) -> torch.Tensor:
+def token_targets(
+    spans: Spans, scene: Scene, tokenizer: CLIPTokenizer, stated_only: bool = False
+) -> torch.Tensor:
     """``[max_length, 2 + 9]`` per-token targets of a caption given as spans: colour and kind class,
     then the 9 cells' membership, of the objects the token's span describes (``NOT_AN_OBJECT`` rows
-    elsewhere)."""
+    elsewhere).
+
+    With ``stated_only`` a token's colour and kind targets start at the word that states them (before
+    it they are ``UNSTATED``, no target): "a" and "yellow" in "a yellow square" are not trained to
+    guess the kind from the colour, a guess that, learned on training captions, rules out every
+    held-out partner of the colour."""
     length = tokenizer.max_length
     targets = torch.full((length, 2 + len(POSITIONS)), NOT_AN_OBJECT, dtype=torch.long)
-    for start, stop, objects in span_tokens(spans, tokenizer):
+    for (text, _), (start, stop, objects) in zip(spans, span_tokens(spans, tokenizer), strict=True):
         if objects:
             first = scene.objects[objects[0]]
             cells = [0] * len(POSITIONS)
@@ -117,7 +141,38 @@ def token_targets(spans: Spans, scene: Scene, tokenizer: CLIPTokenizer) -> torch
                 cells[POSITIONS.index(scene.objects[index].position)] = 1
             row = torch.tensor([COLOURS.index(first.colour), KINDS.index(first.kind), *cells])
             targets[start : min(stop, length - 1)] = row
+            if stated_only:
+                colour_at, kind_at = stating_tokens(text, tokenizer)
+                targets[start : min(start + colour_at, length - 1), 0] = UNSTATED
+                targets[start : min(start + kind_at, length - 1), 1] = UNSTATED
     return targets
+
+
+def stating_tokens(text: str, tokenizer: CLIPTokenizer) -> tuple[int, int]:
+    """The token offsets, within an object phrase, of the last token of its first colour word and of its
+    first kind word (any synonym); past the phrase's end for one it leaves unsaid."""
+    words = text.split(" ")
+    offsets = []
+    for vocabulary in (COLOUR_VOCABULARY, KIND_VOCABULARY):
+        at = word_index(words, vocabulary)
+        stop = len(words) if at is None else at + 1
+        offsets.append(len(tokenizer.encode(" ".join(words[:stop]))) - (at is not None))
+    return offsets[0], offsets[1]
+
+
+def partial_captions(
+    spans: Spans, rng: np.random.Generator, rate: float
+) -> tuple[Spans, list[tuple[int, str]]]:
+    """``spans`` with each object phrase, at ``rate``, leaving its colour or its kind unsaid (equally
+    often), and the ``(object, attribute)`` pairs left unsaid."""
+    result, unsaid = [], []
+    for text, objects in spans:
+        if objects and rng.random() < rate:
+            attribute = ("colour", "kind")[int(rng.integers(2))]
+            text = omit_attribute(text, attribute)
+            unsaid += [(index, attribute) for index in objects]
+        result.append((text, objects))
+    return result, unsaid
 
 
 def span_ends(spans: Spans, tokenizer: CLIPTokenizer) -> list[int]:
@@ -126,18 +181,26 @@ def span_ends(spans: Spans, tokenizer: CLIPTokenizer) -> list[int]:
 
 
 def caption_pool(
-    seed: int, n: int, tokenizer: CLIPTokenizer
+    seed: int, n: int, tokenizer: CLIPTokenizer, stated_only: bool = False, partial_rate: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token ids ``[n, 77]`` of ``n`` training captions, their scenes' targets ``[n, 28]`` and their
-    per-token object targets ``[n, 77, 11]``."""
+    per-token object targets ``[n, 77, 11]`` (:func:`token_targets`); with ``partial_rate``, object
+    phrases that leave an attribute unsaid (:func:`partial_captions`; needs ``stated_only``)."""
+    if partial_rate and not stated_only:
+        raise ValueError("partial_rate needs stated_only: an unsaid attribute has no target to learn")
     captions, targets, objects = [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i, TEXT_STREAM])
         scene = sample_scene(rng, HELD_OUT)
         spans = caption_spans(scene, rng)
+        unsaid: list[tuple[int, str]] = []
+        if partial_rate:
+            spans, unsaid = partial_captions(
+                spans, np.random.default_rng([seed, i, TEXT_STREAM, PARTIAL_STREAM]), partial_rate
+            )
         captions.append(joined(spans))
-        targets.append(scene_targets(scene))
-        objects.append(token_targets(spans, scene, tokenizer))
+        targets.append(scene_targets(scene, unsaid))
+        objects.append(token_targets(spans, scene, tokenizer, stated_only))
     return tokenizer(captions), torch.stack(targets), torch.stack(objects)
 
 
@@ -285,7 +348,9 @@ def train_text_encoder(
     """Train (or resume) the caption parser; return it with its EMA weights, and the loop's result."""
     tokenizer = CLIPTokenizer.for_config(recipe.text)
     log.info("generating %d training captions", recipe.pool_size)
-    ids, targets, objects = caption_pool(recipe.dataset_seed, recipe.pool_size, tokenizer)
+    ids, targets, objects = caption_pool(
+        recipe.dataset_seed, recipe.pool_size, tokenizer, recipe.stated_only, recipe.partial_rate
+    )
     torch.manual_seed(recipe.seed)
     parser = CaptionParser(recipe.text)
     init_text_weights(parser.text)
