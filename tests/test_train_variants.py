@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import openldm
 import openldm.cli
 from openldm.checkpoints.errors import CorruptCheckpointError, MissingWeightsError
 from openldm.checkpoints.load import StableDiffusion
-from openldm.checkpoints.variant_files import read_variant
+from openldm.checkpoints.variant_files import file_metadata, read_variant
 from openldm.config import ModelSpec, TextConfig, UNetConfig, VAEConfig, preset
 from openldm.images import pil_to_tensor
 from openldm.nn.clip import CLIPTextEncoder
@@ -41,6 +41,7 @@ from openldm.train.loop import LOG, LoopConfig
 from openldm.train.losses import diffusion_loss
 from openldm.train.variants import (
     CONV_IN,
+    INHERITED,
     MAX_BYTES,
     UNET_PREFIX,
     Base,
@@ -400,6 +401,33 @@ def test_merged_variant_is_a_complete_single_file(tmp_path, base_path):
     save_file(read_variant(path, base_path), str(merged))
     loaded = openldm.load(merged, preset=variant_spec(BASE, "inpaint"))
     _check_loaded(loaded, unet, base)
+
+
+def test_a_variant_inherits_the_timestep_embedding_of_its_base(tmp_path, base_path):
+    base = load_base(base_path, BASE, inherited=INHERITED)
+    with pytest.raises(ValueError, match="inherits"):
+        train_variant(_recipe("inpaint", 3, inherited=INHERITED), load_base(base_path, BASE), tmp_path)
+    recipe = _recipe("inpaint", 3, inherited=INHERITED)
+    unet, _ = train_variant(recipe, base, tmp_path / "run", progress=False)
+    before = base.model.unet.state_dict()
+    inherited = {k for k in before if "time_embed." in k or "emb_layers." in k}
+    assert inherited and all(torch.equal(unet.state_dict()[k], before[k]) for k in inherited)
+    changed = [k for k in before if k not in inherited and not torch.equal(unet.state_dict()[k], before[k])]
+    assert len(changed) > len(before) // 2  # the rest trained
+    path = tmp_path / "inpaint.safetensors"
+    export_variant(unet, variant_spec(BASE, "inpaint"), base, path)
+    with safe_open(str(path), framework="pt") as f:
+        keys, metadata = {k[len(UNET_PREFIX) :] for k in f.keys()}, f.metadata()
+    assert keys == set(unet.state_dict()) - inherited
+    assert metadata["openldm.inherits"] == "time_embed.,emb_layers."
+    loaded = openldm.load(path, preset=variant_spec(BASE, "inpaint"), base=base_path)
+    _check_loaded(loaded, unet, base)
+    # The fingerprint covers the inherited tensors: a base with another timestep embedding is refused.
+    other = load_file(base_path)
+    other[UNET_PREFIX + "time_embed.0.bias"] = other[UNET_PREFIX + "time_embed.0.bias"] + 1
+    save_file(other, str(tmp_path / "other.safetensors"), metadata=file_metadata(base_path))
+    with pytest.raises(CorruptCheckpointError, match="trained on the base"):
+        read_variant(path, tmp_path / "other.safetensors")
 
 
 def test_merge_refuses_another_base(tmp_path, base_path):

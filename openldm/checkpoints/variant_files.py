@@ -4,6 +4,10 @@ A variant trained from a base model (the embedded model's inpainting and depth v
 base's VAE and text encoder bit for bit, so its file holds only ``model.diffusion_model.*`` tensors and,
 in its safetensors metadata, a fingerprint of the base's other tensors. Loading merges the two back
 into one complete single-file state dict, which then goes through the normal detection and loading.
+
+A variant may also keep some of the base's UNet tensors as they are (its metadata names them by key
+fragments, ``openldm.inherits``: "time_embed.,emb_layers."); those are left out of its file, taken from
+the base when merging, and covered by the fingerprint.
 """
 
 from __future__ import annotations
@@ -20,6 +24,18 @@ from openldm.checkpoints.errors import CorruptCheckpointError
 from openldm.config import ModelSpec
 
 BASE_KEY, FINGERPRINT_KEY, FILE_KEY = "openldm.base", "openldm.base_fingerprint", "openldm.base_file"
+INHERITS_KEY = "openldm.inherits"
+
+
+def is_inherited(key: str, inherited: tuple[str, ...]) -> bool:
+    """Whether a UNet tensor's name (with or without the single-file prefix) contains one of the
+    ``inherited`` fragments: a tensor a variant keeps from its base."""
+    return any(fragment in key for fragment in inherited)
+
+
+def inherited_fragments(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The key fragments a variant file's metadata says it takes from its base (none by default)."""
+    return tuple(fragment for fragment in metadata.get(INHERITS_KEY, "").split(",") if fragment)
 
 
 def spec_metadata(spec: ModelSpec) -> dict[str, str]:
@@ -34,10 +50,11 @@ def spec_metadata(spec: ModelSpec) -> dict[str, str]:
     }
 
 
-def base_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 (16 hex digits) of a single file's tensors outside the UNet: names, dtypes, shapes, bytes."""
+def base_fingerprint(sd: Mapping[str, torch.Tensor], inherited: tuple[str, ...] = ()) -> str:
+    """SHA-256 (16 hex digits) of a single file's tensors outside the UNet and of the ``inherited`` UNet
+    tensors: names, dtypes, shapes, bytes."""
     digest = hashlib.sha256()
-    for key in sorted(k for k in sd if not k.startswith(UNET_PREFIX)):
+    for key in sorted(k for k in sd if not k.startswith(UNET_PREFIX) or is_inherited(k, inherited)):
         value = sd[key].detach().cpu().contiguous()
         digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
         digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -66,10 +83,11 @@ def merge_with_base(
     base: Mapping[str, torch.Tensor],
     source: str | os.PathLike[str] = "variant",
 ) -> dict[str, torch.Tensor]:
-    """The complete single file of a variant: the base's tensors with the variant's UNet instead of its own.
+    """The complete single file of a variant: the base's tensors with the variant's UNet instead of its own
+    (and the base's UNet tensors the variant inherits).
 
-    :class:`CorruptCheckpointError` when the variant holds more than a UNet, or names a base whose
-    tensors differ.
+        :class:`CorruptCheckpointError` when the variant holds more than a UNet, or names a base whose
+        tensors differ.
     """
     if not is_variant_file(variant):
         stray = [k for k in variant if not k.startswith(UNET_PREFIX)]
@@ -79,7 +97,8 @@ def merge_with_base(
             "Pass a complete checkpoint without a base, or a UNet-only variant file with its base",
         )
     expected = metadata.get(FINGERPRINT_KEY)
-    actual = base_fingerprint(base)
+    inherited = inherited_fragments(metadata)
+    actual = base_fingerprint(base, inherited)
     if expected is not None and expected != actual:
         raise CorruptCheckpointError(
             source,
@@ -88,7 +107,7 @@ def merge_with_base(
             "Use the base it was trained on, or train the variant again on this one "
             "(openldm train --stage inpaint|depth --base FILE)",
         )
-    merged = {k: v for k, v in base.items() if not k.startswith(UNET_PREFIX)}
+    merged = {k: v for k, v in base.items() if not k.startswith(UNET_PREFIX) or is_inherited(k, inherited)}
     merged.update(variant)
     return merged
 
