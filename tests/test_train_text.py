@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -159,8 +158,12 @@ def test_partial_captions_leave_attributes_unsaid_without_targets():
     rng = np.random.default_rng(0)
     spans = [("a picture of ", ()), ("a red circle", (0,))]
     assert partial_captions(spans, rng, 0.0) == (spans, [])
-    with pytest.raises(ValueError, match="needs stated_only"):
-        caption_pool(0, 2, tokenizer, partial_rate=0.5)
+    # Without stated_only the partial phrases still have no target for what they leave unsaid (at
+    # "shape" too), and the others keep theirs on every token.
+    ids2, _, objects2 = caption_pool(0, 300, tokenizer, partial_rate=0.5)
+    unstated, unstated2 = objects[..., 1] == UNSTATED, objects2[..., 1] == UNSTATED
+    assert torch.equal(ids2, ids) and unstated2[torch.isin(ids, torch.tensor(sorted(kinds)))].all()
+    assert (unstated2 <= unstated).all() and 0 < int(unstated2.sum()) < int(unstated.sum())
 
 
 def test_caption_spans_join_to_the_training_caption():

@@ -127,8 +127,9 @@ def token_targets(
     then the 9 cells' membership, of the objects the token's span describes (``NOT_AN_OBJECT`` rows
     elsewhere).
 
-    With ``stated_only`` a token's colour and kind targets start at the word that states them (before
-    it they are ``UNSTATED``, no target): "a" and "yellow" in "a yellow square" are not trained to
+    A phrase that leaves its colour or kind unsaid has no target for it (``UNSTATED``). With
+    ``stated_only`` a token's colour and kind targets start at the word that states them (before it they
+    are ``UNSTATED``): "a" and "yellow" in "a yellow square" are not trained to
     guess the kind from the colour, a guess that, learned on training captions, rules out every
     held-out partner of the colour."""
     length = tokenizer.max_length
@@ -141,10 +142,10 @@ def token_targets(
                 cells[POSITIONS.index(scene.objects[index].position)] = 1
             row = torch.tensor([COLOURS.index(first.colour), KINDS.index(first.kind), *cells])
             targets[start : min(stop, length - 1)] = row
-            if stated_only:
-                colour_at, kind_at = stating_tokens(text, tokenizer)
-                targets[start : min(start + colour_at, length - 1), 0] = UNSTATED
-                targets[start : min(start + kind_at, length - 1), 1] = UNSTATED
+            # A phrase that leaves an attribute unsaid has no target for it (partial_captions).
+            for column, at in enumerate(stating_tokens(text, tokenizer)):
+                if stated_only or at >= stop - start:
+                    targets[start : min(start + at, length - 1), column] = UNSTATED
     return targets
 
 
@@ -185,9 +186,7 @@ def caption_pool(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token ids ``[n, 77]`` of ``n`` training captions, their scenes' targets ``[n, 28]`` and their
     per-token object targets ``[n, 77, 11]`` (:func:`token_targets`); with ``partial_rate``, object
-    phrases that leave an attribute unsaid (:func:`partial_captions`; needs ``stated_only``)."""
-    if partial_rate and not stated_only:
-        raise ValueError("partial_rate needs stated_only: an unsaid attribute has no target to learn")
+    phrases that leave an attribute unsaid (:func:`partial_captions`)."""
     captions, targets, objects = [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i, TEXT_STREAM])
