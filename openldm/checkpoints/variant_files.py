@@ -86,8 +86,8 @@ def merge_with_base(
     """The complete single file of a variant: the base's tensors with the variant's UNet instead of its own
     (and the base's UNet tensors the variant inherits).
 
-        :class:`CorruptCheckpointError` when the variant holds more than a UNet, or names a base whose
-        tensors differ.
+    :class:`CorruptCheckpointError` when the variant holds more than a UNet, or names a base whose
+    tensors differ.
     """
     if not is_variant_file(variant):
         stray = [k for k in variant if not k.startswith(UNET_PREFIX)]

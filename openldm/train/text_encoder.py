@@ -128,10 +128,9 @@ def token_targets(
     elsewhere).
 
     A phrase that leaves its colour or kind unsaid has no target for it (``UNSTATED``). With
-    ``stated_only`` a token's colour and kind targets start at the word that states them (before it they
-    are ``UNSTATED``): "a" and "yellow" in "a yellow square" are not trained to
-    guess the kind from the colour, a guess that, learned on training captions, rules out every
-    held-out partner of the colour."""
+    ``stated_only`` a token's colour and kind targets start at the word that states them: "a" and
+    "yellow" in "a yellow square" are not trained to guess the kind from the colour, a guess that,
+    learned on training captions, rules out every held-out partner of the colour."""
     length = tokenizer.max_length
     targets = torch.full((length, 2 + len(POSITIONS)), NOT_AN_OBJECT, dtype=torch.long)
     for (text, _), (start, stop, objects) in zip(spans, span_tokens(spans, tokenizer), strict=True):
@@ -142,23 +141,15 @@ def token_targets(
                 cells[POSITIONS.index(scene.objects[index].position)] = 1
             row = torch.tensor([COLOURS.index(first.colour), KINDS.index(first.kind), *cells])
             targets[start : min(stop, length - 1)] = row
-            # A phrase that leaves an attribute unsaid has no target for it (partial_captions).
-            for column, at in enumerate(stating_tokens(text, tokenizer)):
-                if stated_only or at >= stop - start:
-                    targets[start : min(start + at, length - 1), column] = UNSTATED
+            words = text.split(" ")
+            for column, vocabulary in enumerate((COLOUR_VOCABULARY, KIND_VOCABULARY)):
+                at = word_index(words, vocabulary)
+                if at is None:  # left unsaid (partial_captions): no target on any token
+                    targets[start : min(stop, length - 1), column] = UNSTATED
+                elif stated_only:  # none before the last token of the word that states it
+                    stated = start + len(tokenizer.encode(" ".join(words[: at + 1]))) - 1
+                    targets[start : min(stated, length - 1), column] = UNSTATED
     return targets
-
-
-def stating_tokens(text: str, tokenizer: CLIPTokenizer) -> tuple[int, int]:
-    """The token offsets, within an object phrase, of the last token of its first colour word and of its
-    first kind word (any synonym); past the phrase's end for one it leaves unsaid."""
-    words = text.split(" ")
-    offsets = []
-    for vocabulary in (COLOUR_VOCABULARY, KIND_VOCABULARY):
-        at = word_index(words, vocabulary)
-        stop = len(words) if at is None else at + 1
-        offsets.append(len(tokenizer.encode(" ".join(words[:stop]))) - (at is not None))
-    return offsets[0], offsets[1]
 
 
 def partial_captions(

@@ -23,7 +23,7 @@ A variant file holds only the UNet (``model.diffusion_model.*``, fp16, at most 1
 encoder are the base's, named in the metadata with a fingerprint of the base's tensors. The timestep
 embedding (``time_embed`` and each residual block's ``emb_layers``, 11% of the embedded UNet) stays the
 base's: the new input channels do not change what a timestep means, and leaving it out keeps the
-file of a 96-channel UNet under 10 MB (9.6 instead of 10.7);
+file of a 96-channel UNet under 10 MB (9.6 MB instead of 10.8);
 :func:`openldm.checkpoints.variant_files.merge_with_base` makes the complete single file from the two,
 and ``openldm.load(variant, base=...)`` loads it.
 """
