@@ -51,17 +51,6 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 MAX_BYTES = 25_000_000  # 25 MB
-# The text encoder's attention heads (width 64: 4 heads of 16). One head of 64 lost held-out colour-kind
-# pairs (openldm/train/text_encoder.py). The packaged file predates this recipe and has 1 head (the
-# preset's); files this recipe writes state their 4 heads in their metadata, which the loader believes
-# over a preset. The preset switches when weights trained by this recipe are packaged.
-TEXT_HEADS = 4
-# The UNet: 96 channels at every level (8x8, 4x4, 2x2 latents) instead of the preset's 64, 64, 128, whose
-# 2x2 level held most of the weights. Measured on the same autoencoder and text encoder, each UNet given
-# the steps that fit the preset's 28 minutes: seen kind 67.7% (3150 steps) against 58.7% (4200 steps of
-# the preset's) and 61.9% (a second residual block per level, 3200 steps). The loader reads the sizes
-# off the weights; the preset switches when weights of this recipe are packaged.
-UNET_CHANNELS, UNET_MULT = 96, (1, 1, 1)
 PREVIEW_PROMPTS = [
     "a red circle on a blue background",
     "a green square in the top left corner on a white background",
@@ -94,11 +83,6 @@ def embedded_recipe() -> Recipe:
     the UNet now takes 4700 steps (about 58 minutes in all). ``minutes`` caps each stage (18 + 8 + 31).
     """
     spec = preset("embedded")
-    spec = dataclasses.replace(
-        spec,
-        text=dataclasses.replace(spec.text, heads=TEXT_HEADS),
-        unet=dataclasses.replace(spec.unet, model_channels=UNET_CHANNELS, channel_mult=UNET_MULT),
-    )
     autoencoder = AutoencoderRecipe(
         vae=spec.vae,
         image_size=spec.image_size,
@@ -118,12 +102,20 @@ def embedded_recipe() -> Recipe:
             warmup_steps=50,
             ema_decay=0.995,
             checkpoint_every=200,
-            minutes=18,
+            minutes=14,
         ),
     )
     text = TextRecipe(
         text=spec.text,
         batch_size=64,
+        # Three object phrases in ten leave their colour or kind unsaid ("a yellow shape", "a circle"),
+        # with no target for it: a token then carries what its phrase says, not what the scenes of
+        # training pair with it. Measured with the same autoencoder and UNet recipe (openldm eval
+        # --n 100, seeds 0-3, mean): held-out kind 81.2% against 67.0 (4700 UNet steps), 87.2 against
+        # 76.5 (7000); held-out colour 97.5 against 86.5 (7000). At 7000 steps seen scores stay within
+        # 1.5 points (seen colour / kind / position / count 93.6 / 92.2 / 92.5 / 88.7 against 95.0 /
+        # 92.6 / 94.3 / 90.1). Stated-only targets (openldm/train/text_encoder.py) did not add to it.
+        partial_rate=0.3,
         loop=LoopConfig(
             steps=2400, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.99, minutes=8
         ),
@@ -146,13 +138,13 @@ def embedded_recipe() -> Recipe:
         min_snr_gamma=5.0,
         frozen_text=True,
         loop=LoopConfig(
-            steps=4700,
+            steps=7000,
             lr=1e-3,
             warmup_steps=100,
             lr_schedule="cosine",
             ema_decay=0.998,
             checkpoint_every=200,
-            minutes=31,
+            minutes=37,
         ),
     )
     return Recipe(spec, autoencoder, text, diffusion)
