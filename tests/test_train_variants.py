@@ -141,7 +141,9 @@ def test_variant_presets_are_the_embedded_model_widened():
         assert spec.variant == kind and spec.unet.in_channels == channels
         assert (spec.vae, spec.text, spec.image_size) == (embedded.vae, embedded.text, embedded.image_size)
         with torch.device("meta"):
-            params = sum(p.numel() for p in UNetModel(spec.unet).parameters())
+            named = UNetModel(spec.unet).named_parameters()
+            # A variant file stores the UNet but the timestep embedding it inherits from its base.
+            params = sum(p.numel() for name, p in named if not any(f in name for f in variants.INHERITED))
         assert 2 * params < MAX_BYTES - 100_000, params  # fp16, with room for the header
 
 

@@ -46,7 +46,7 @@ examples:
   # one stage at a time (each reads the earlier stages' checkpoints in --out)
   openldm train --out runs/embedded --stage text
   # the inpainting and depth variants (UNet-only files resumed from the packaged base model;
-  # about 15 minutes each, side by side on 2 cores)
+  # about 13 minutes each, side by side on 2 cores)
   openldm train --out runs/embedded-inpaint --stage inpaint --threads 1
   openldm train --out runs/embedded-depth --stage depth --threads 1
 """

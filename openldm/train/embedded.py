@@ -74,13 +74,14 @@ class Recipe:
 
 
 def embedded_recipe() -> Recipe:
-    """The recipe of the embedded model, sized by the ``embedded`` preset (but its text heads and UNet
-    widths, above).
+    """The recipe of the embedded model, sized by the ``embedded`` preset.
 
-    Budgeted for 2 CPU cores with 2 workers in under 60 minutes. Measured in a full run with 5000 UNet
-    steps: autoencoder 17.5 minutes (0.37 s per step of 4 images), text encoder 7.3 (0.16 s per step of
-    64 captions), latent cache and UNet 35.3 (0.40 s per step of 32 latents): 60.3 minutes in all, so
-    the UNet now takes 4700 steps (about 58 minutes in all). ``minutes`` caps each stage (18 + 8 + 31).
+    Budgeted for 2 CPU cores with 2 workers in under 60 minutes. Measured on the CPU that trained the
+    packaged model: autoencoder 10.7 minutes (0.23 s per step of 4 images), text encoder about 5 (0.12
+    s per step of 64 captions), latent cache 1.5 and UNet 0.29 s per step of 32 latents (7000 steps,
+    34 minutes): about 51 minutes in all. A CPU 1.6 times slower (earlier sessions') needs 17.5 + 7.3
+    + 55; ``minutes`` caps each stage (14 + 8 + 37) so that the run still ends within the hour there,
+    with fewer steps.
     """
     spec = preset("embedded")
     autoencoder = AutoencoderRecipe(
