@@ -261,6 +261,7 @@ def test_img2img_strength_zero_returns_the_encoded_image(pairs, init_image) -> N
 def test_reduced_precision_vae_nan_is_retried_in_fp32(pairs, monkeypatch) -> None:
     model = pairs["sd1"].model
     reference = _small(model, output_type="pt")
+    bf16 = _small(model, precision="bf16")  # no decoding: the latents the UNet gives under bf16 autocast
     decode = type(model.vae).decode
 
     def nan_under_autocast(self, z):
@@ -273,7 +274,10 @@ def test_reduced_precision_vae_nan_is_retried_in_fp32(pairs, monkeypatch) -> Non
     # The UNet ran in bf16 (not the same latents), the decode in fp32: it equals an fp32 decode of them.
     redone = common.decode(model, out.latents, None)
     assert torch.allclose(out.images, ((redone + 1) / 2).clamp(0, 1), atol=1e-6)
-    assert (out.latents - reference.latents).abs().max() < 0.1 * reference.latents.abs().max()
+    # How far bf16 sampling lands from fp32 depends on the CPU's bf16 kernels (a random tiny UNet amplifies
+    # rounding), so the latents are compared with the same bf16 run: the retry touched only the decode.
+    assert torch.equal(out.latents, bf16.latents)
+    assert not torch.equal(out.latents, reference.latents)
 
     monkeypatch.setattr(type(model.vae), "decode", lambda self, z: decode(self, z) * float("nan"))
     with pytest.raises(NonFiniteOutputError, match="even in fp32"):

@@ -73,14 +73,22 @@ def test_a_batchs_blocks_add_up_to_its_parse_loss():
 
 
 def _assert_same_runs(a: torch.nn.Module, b: torch.nn.Module, out: Path) -> None:
-    """The same logged losses (each step's loss is the blocks' sum, so a block weighed wrong shows) and
-    the same weights, up to AdamW: it moves a parameter by about the learning rate whatever its gradient,
-    so one whose gradient is zero but for rounding (a convolution's bias before a group norm) ends up
-    anywhere within +-steps * lr; the weights are compared as a whole."""
+    """Two runs that differ only in the order the batch's gradients are summed.
+
+    Step 0 starts from the same weights: its logged loss (the blocks' sum, so a block weighed wrong
+    shows) agrees to float32 rounding. After that, AdamW moves each parameter by about the learning rate
+    whatever its gradient's size, so a parameter whose gradient is of the order of the summation's
+    rounding (a bias that the following group norm cancels) moves by an amount set by that rounding:
+    per step the runs may drift apart by up to 2 lr per element, which no tolerance on the rounding
+    itself bounds and which depends on the CPU's kernels (on AVX2 the later losses differed by 1.2e-3
+    relative, the weights by 1.3e-3 in norm; on AVX-512 by 1e-5). So later steps are held to what that
+    drift allows: losses within 1%, weights within 2 * steps * lr of each other and 1% in norm."""
     logged = [_losses(out / run) for run in ("one", "two")]
-    assert logged[0] == pytest.approx(logged[1], rel=1e-5), logged
+    assert logged[0][0] == pytest.approx(logged[1][0], rel=1e-6), logged
+    assert logged[0][1:] == pytest.approx(logged[1][1:], rel=1e-2), logged
     x, y = (torch.cat([v.flatten() for v in m.state_dict().values()]) for m in (a, b))
-    assert float((x - y).norm() / x.norm()) < 1e-3
+    assert float((x - y).abs().max()) <= 2 * LOOP.steps * LOOP.lr
+    assert float((x - y).norm() / x.norm()) < 1e-2
 
 
 def _losses(out: Path) -> list[float]:

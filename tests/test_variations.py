@@ -419,14 +419,27 @@ def test_embedding_stats_file_stands_in_for_missing_statistics(setup, tmp_path, 
     argv = ["variations", "--ckpt", str(bare), "--init-img", str(init), "--ddim_steps", "2"]
     argv += ["--H", "32", "--W", "32", "--n_samples", "1", "--seed", "3"]
 
-    api = variations(setup["single_model"], picture(), steps=2, width=32, height=32, seed=3, progress=False)
+    def changed(outdir: str) -> float:
+        """The fraction of the first image's bytes that differ from the complete file's (and their max)."""
+        first, reference = (
+            np.asarray(Image.open(tmp_path / name / "samples" / "00000.png")).astype(int)
+            for name in (outdir, "complete")
+        )
+        assert np.abs(first - reference).max() <= (1 if outdir == "out" else 255)
+        return float((first != reference).mean())
+
+    # The same command on the complete file is the reference: the same float32 weights and statistics,
+    # but memory-mapped at other offsets of another file, and a CPU's matrix kernels may round the last
+    # bit differently for differently aligned operands (seen on AVX2). A byte (truncated, as the
+    # reference writes it) then moves by one level where its value sits on a level's edge. So: at most
+    # one level apart, in a few bytes; without the statistics the embedding is not normalised and much
+    # of the image changes (930 of 3072 bytes here, against 2 with them).
+    complete = [*argv[:2], str(setup["single"]), *argv[3:]]
+    assert openldm.cli.main([*complete, "--outdir", str(tmp_path / "complete")]) == 0
     assert openldm.cli.main([*argv, "--outdir", str(tmp_path / "none")]) == 0
-    unnormalised = np.asarray(Image.open(tmp_path / "none" / "samples" / "00000.png"))
-    assert not np.array_equal(unnormalised, np.asarray(api.images[0]))
     stats = ["--embedding-stats", str(tmp_path / "ViT-L-14_stats.th")]
     assert openldm.cli.main([*argv, *stats, "--outdir", str(tmp_path / "out")]) == 0
-    saved = np.asarray(Image.open(tmp_path / "out" / "samples" / "00000.png"))
-    assert np.array_equal(saved, np.asarray(api.images[0]))
+    assert changed("out") < 0.01 and changed("none") > 0.1
 
     torch.save({"mean": mean}, tmp_path / "wrong.th")
     assert openldm.cli.main([*argv, "--embedding-stats", str(tmp_path / "wrong.th")]) == 2
