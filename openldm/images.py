@@ -16,6 +16,7 @@ the prompt (one or more lines), a ``Negative prompt:`` line when there is one, t
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+
+from openldm.files import write_atomically
 
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -69,16 +72,24 @@ def fit_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Image:
     return image if size == image.size else image.resize(size, resample=Image.Resampling.LANCZOS)
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image file as RGB; a missing or unreadable file is a ``ValueError`` naming it."""
+def open_image(path: str | os.PathLike[str], what: str, mode: str) -> Image.Image:
+    """Open an image file in ``mode`` ("RGB", "L"...); a missing, unreadable or non-image file is a
+    ``ValueError`` that calls it ``what`` ("init image", "--mask"...)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; give an image file")
     if not path.is_file():
-        raise ValueError(f"init image {str(path)!r} does not exist")
+        raise ValueError(f"{what} {str(path)!r} does not exist")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for broken or non-image files
-        raise ValueError(f"cannot read init image {str(path)!r} as an image ({e})") from None
+        raise ValueError(f"cannot read {what} {str(path)!r} as an image ({e})") from None
+
+
+def load_image(path: str | os.PathLike[str], what: str = "init image") -> Image.Image:
+    """Open an image file as RGB (see :func:`open_image`)."""
+    return open_image(path, what, "RGB")
 
 
 # --- grids -------------------------------------------------------------------------------------
@@ -166,16 +177,23 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return result
 
 
-def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str | None = None) -> Path:
-    """Save ``image`` as a PNG with a ``parameters`` tEXt chunk (default: ``image.info["parameters"]``)."""
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """``image`` encoded as a PNG with a ``parameters`` tEXt chunk (default: ``image.info["parameters"]``)."""
     text = parameters if parameters is not None else image.info.get(PARAMETERS_KEY)
     info = PngImagePlugin.PngInfo()
     if text:
         info.add_text(PARAMETERS_KEY, text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str | None = None) -> Path:
+    """Save ``image`` as a PNG with a ``parameters`` tEXt chunk (default: ``image.info["parameters"]``),
+    atomically (see :func:`write_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
-    return path
+    return write_atomically(png_bytes(image, parameters), path)
 
 
 def read_parameters(path: str | os.PathLike[str]) -> dict[str, Any]:

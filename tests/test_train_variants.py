@@ -460,14 +460,16 @@ def test_cli_runs_a_variant_stage(monkeypatch, tmp_path):
     (recipe, base, out), options = calls[0]
     assert recipe.kind == "depth" and recipe.loop.steps == 7 and recipe.base == preset("embedded")
     assert base == packaged and Path(out) == tmp_path
-    assert options["export_path"] == packaged.with_name("embedded-depth.safetensors")
+    # The export goes to the run's folder, never over the packaged variant unless named.
+    assert options["export_path"] == tmp_path / "embedded-depth.safetensors"
+    out = str(tmp_path / "x")
     args = parser.parse_args(
-        ["train", "--out", "x", "--stage", "inpaint", "--base", "b.safetensors", "--export", "none"]
+        ["train", "--out", out, "--stage", "inpaint", "--base", "b.safetensors", "--export", "none"]
     )
     args.run(args)
     (recipe, base, _), options = calls[1]
     assert recipe.kind == "inpaint" and base == Path("b.safetensors") and options["export_path"] is None
-    args = parser.parse_args(["train", "--out", "x", "--stage", "inpaint", "--workers", "3"])
+    args = parser.parse_args(["train", "--out", out, "--stage", "inpaint", "--workers", "3"])
     args.run(args)
     assert calls[2][0][0].loop.workers == 3
 

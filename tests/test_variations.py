@@ -341,7 +341,7 @@ def test_command_writes_images_with_parameters(setup, tmp_path, monkeypatch) -> 
         (["--ddim_steps", "0"], "--ddim_steps must be >= 1"),
         (["--sampler", "nope"], "unknown sampler 'nope'"),
         (["--init-img", "missing.png"], "does not exist"),
-        (["--init-img", "__not_an_image__"], "cannot read init image"),
+        (["--init-img", "__not_an_image__"], "cannot read --init-img"),
         (["--ckpt", "__sd2__"], "is a sd2 model; variations need an unCLIP model"),
     ],
 )

@@ -35,3 +35,22 @@ class UnknownArchitectureError(CheckpointError):
 
 class MissingWeightsError(CheckpointError):
     """The weights are not on disk and cannot be downloaded (offline, or no ``huggingface_hub``)."""
+
+
+class HubUnavailableError(MissingWeightsError):
+    """A hub id that could not be fetched (offline, unknown repository, no ``huggingface_hub``).
+
+    ``reason`` says why in a few words; ``FOLDER_PARTS`` names what a local copy needs."""
+
+    FOLDER_PARTS = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+
+    def __init__(self, repo_id: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            repo_id,
+            f"not a local file or folder, and it cannot be fetched from the Hugging Face hub ({reason})",
+            f"Download its diffusers folder ({self.FOLDER_PARTS}) and load that folder's path",
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # type: ignore[override]
+        return type(self), (self.path, self.reason)

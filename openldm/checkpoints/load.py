@@ -55,6 +55,7 @@ from openldm.checkpoints.detect import (
 from openldm.checkpoints.errors import (
     CheckpointError,
     CorruptCheckpointError,
+    HubUnavailableError,
     MissingWeightsError,
     UnknownArchitectureError,
 )
@@ -647,29 +648,28 @@ def _diffusers_extras(folder: Path, variant: str | None) -> dict[str, StateDict]
 
 
 def _download(repo_id: str, variant: str | None) -> Path:
-    where = (
-        "download the diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-        "scheduler/) and pass its path to load()"
-    )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise MissingWeightsError(
-            repo_id,
-            "not a local file or folder, and huggingface_hub is not installed to fetch it from the hub",
-            f"Install it (pip install 'openldm[hub]') or {where}",
+        raise HubUnavailableError(
+            repo_id, "huggingface_hub is not installed: pip install 'openldm[hub]'"
         ) from None
     tag = f".{variant}" if variant else ""
     patterns = ["model_index.json", "*/*.json", "*/*.txt", f"*/*{tag}.safetensors"]
     try:
         folder = snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["safety_checker/*"])
     except Exception as e:  # offline, unknown repo, network errors: all mean "not available here"
-        raise MissingWeightsError(
-            repo_id,
-            f"could not get it from the Hugging Face hub ({type(e).__name__}: {e})",
-            f"Go online (and unset HF_HUB_OFFLINE), or {where}",
-        ) from e
+        raise HubUnavailableError(repo_id, _first_line(e)) from e
     return Path(folder)
+
+
+def _first_line(error: Exception) -> str:
+    """``error`` in one line: hub errors carry paragraphs of advice that do not apply here."""
+    text = str(error).strip().splitlines()
+    first = text[0].rstrip(".") if text else ""
+    offline = "offline" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
+    words = ", ".join(w for w in (type(error).__name__, offline) if w)
+    return f"{words}: {first}" if first else words
 
 
 # --- spec, networks ----------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--strength must be between 0 and 1, got {args.strength}")
     _check_input(args)
     batches = _prompt_batches(args)
-    init_image = load_image(args.init_img)
+    init_image = load_image(args.init_img, "--init-img")
     depth_map = read_depth_map(args.depth_map) if args.depth_map is not None else None
     model, precision = _load_model(args)
     _check_model(args, model)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openldm.cli import UsageError
+from openldm.files import check_output_folder, write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +130,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="picks the scenes and the noise (default: %(default)s)")
     add("--batch-size", type=int, default=16, help="images generated at once (default: %(default)s)")
     add("--device", help="cpu, cuda, mps... (default: cuda, else mps, else cpu)")
-    add("--threads", type=int, help="CPU threads for torch (default: torch's; 1 is faster on a busy CPU)")
     add(
         "--sweep",
         choices=["none", "guidance", "steps", "all"],
@@ -140,6 +140,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--guidance-list", default=DEFAULT_GUIDANCE_LIST, help="comma-separated (default: %(default)s)")
     add("--step-list", default=DEFAULT_STEP_LIST, help="comma-separated (default: %(default)s)")
     add("--samplers", default=",".join(SAMPLERS), help="comma-separated (default: all, %(default)s)")
+    add(
+        "--no-cases",
+        action="store_true",
+        help="skip the hard cases (--n images each, at the main setting): one shape with no position, "
+        "three of a kind, a held-out pair beside another shape",
+    )
     add("--json", metavar="PATH", help="write every result to this JSON file")
     add(
         "--ground-truth",
@@ -184,10 +190,14 @@ def plan(args: argparse.Namespace) -> tuple[Setting, list[Setting], list[Setting
     for flag, value in (("--n", args.n), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.config is not None and args.ckpt is None:
         raise UsageError("--config describes the checkpoint of --ckpt; pass --ckpt too (or no --config)")
+    if args.json is not None:
+        check_output_folder(Path(args.json).resolve().parent, "--json's folder")
+    if args.device is not None:
+        from openldm.devices import resolve_device
+
+        resolve_device(args.device)
     if args.ground_truth and args.sweep != "none":
         raise UsageError("--ground-truth scores the renderer's images: sweeps need a model (--sweep none)")
     _check_steps("--steps", [args.steps])
@@ -303,6 +313,49 @@ def score_settings(
     return results
 
 
+def score_cases(
+    generate: Generate, setting: Setting, n: int, seed: int, batch_size: int, progress: bool = True
+) -> dict[str, dict[str, float]]:
+    """Each hard case of :mod:`openldm.shapes.cases`: ``n`` images generated under ``setting``, scored."""
+    from tqdm import tqdm
+
+    from openldm.shapes.cases import CASES, case_scenes
+    from openldm.shapes.cases import score_cases as score
+
+    bar = tqdm(
+        total=len(CASES) * math.ceil(n / batch_size),
+        desc=f"{NAME} cases",
+        unit="batch",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    results = {}
+    for case in CASES:
+        pairs = case_scenes(case, seed, n)
+        images: list[Image.Image] = []
+        for start in range(0, n, batch_size):
+            chunk = pairs[start : start + batch_size]
+            images += generate([c for c, _ in chunk], [s for _, s in chunk], start, setting)
+            bar.update()
+        results[case] = score(images, [s for _, s in pairs])
+    bar.close()
+    return results
+
+
+def cases_table(results: dict[str, dict[str, float]]) -> str:
+    """A Markdown table of :func:`score_cases`' results, in percent."""
+    lines = [
+        "| case | images | objects found | exactly the asked shapes | held-out pair found |",
+        "|---" * 5 + "|",
+    ]
+    for case, r in results.items():
+        held = f"{100 * r['held-out']:.1f}" if "held-out" in r else "-"
+        lines.append(
+            f"| {case} | {int(r['images'])} | {100 * r['objects']:.1f} | {100 * r['exact']:.1f} | {held} |"
+        )
+    return "\n".join(lines)
+
+
 # --- reporting ---------------------------------------------------------------------------------
 
 
@@ -336,8 +389,9 @@ def report(
     n: int,
     seed: int,
     ground_truth: bool,
+    cases: dict[str, dict[str, float]] | None = None,
 ) -> str:
-    """The Markdown report: the main table, its targets, and the sweeps' tables."""
+    """The Markdown report: the main table, its targets, the hard cases and the sweeps' tables."""
     from openldm.shapes.evaluate import format_table
 
     if ground_truth:
@@ -355,6 +409,8 @@ def report(
         format_table(results[main]),
         f"Targets (percent, defined at 25 steps and guidance 7.5): {_targets_text()}. {verdict}",
     ]
+    if cases:
+        parts += ["## Hard cases (at the main setting; positions not scored)", cases_table(cases)]
     if guidance:
         parts += [
             f"## Guidance sweep ({main.sampler}, {main.steps} steps)",
@@ -382,6 +438,7 @@ def to_json(
     steps: Sequence[Setting],
     results: dict[Setting, Scores],
     args: argparse.Namespace,
+    cases: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Every result, with the settings and the flags that made it."""
 
@@ -399,6 +456,7 @@ def to_json(
         "main": entry(main),
         "guidance_sweep": [entry(s) for s in guidance],
         "steps_sweep": [entry(s) for s in steps],
+        "cases": cases or {},
     }
 
 
@@ -424,7 +482,6 @@ def load_model(args: argparse.Namespace, kind: str | None = None) -> tuple[Stabl
 
 def run(args: argparse.Namespace) -> int:
     """Run ``openldm eval``; return the exit status."""
-    import torch
 
     from openldm.config import preset
     from openldm.embedded import EMBEDDED_PRESET
@@ -434,8 +491,6 @@ def run(args: argparse.Namespace) -> int:
 
         return run_variant_task(args)
     main, guidance, steps = plan(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     settings = list(dict.fromkeys([main, *guidance, *steps]))  # each setting scored once
     if args.ground_truth and args.ckpt is None:
         name, generate = "ground truth", ground_truth_generator(preset(EMBEDDED_PRESET).image_size)
@@ -446,11 +501,15 @@ def run(args: argparse.Namespace) -> int:
             generate = ground_truth_generator(model.spec.image_size)
         else:
             generate = model_generator(model, args.seed, precision)
-    results = score_settings(generate, settings, args.n, args.seed, args.batch_size, not args.no_progress)
-    print(report(name, main, guidance, steps, results, args.n, args.seed, args.ground_truth))
+    progress = not args.no_progress
+    results = score_settings(generate, settings, args.n, args.seed, args.batch_size, progress)
+    cases = None
+    if not args.no_cases:
+        cases = score_cases(generate, main, args.n, args.seed, args.batch_size, progress)
+    print(report(name, main, guidance, steps, results, args.n, args.seed, args.ground_truth, cases))
     if args.json is not None:
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(to_json(name, main, guidance, steps, results, args), indent=2) + "\n")
+        record = to_json(name, main, guidance, steps, results, args, cases)
+        write_atomically((json.dumps(record, indent=2) + "\n").encode(), path)
         print(f"openldm: wrote {path}", file=sys.stderr)
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openldm.cli import UsageError
+from openldm.files import write_atomically
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -101,13 +102,10 @@ def table(task: str, scores: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``openldm eval --task inpaint|depth``; return the exit status."""
-    import torch
     from tqdm import tqdm
 
     if args.sweep != "none" or args.ground_truth:
         raise UsageError(f"--task {args.task} takes neither --sweep nor --ground-truth")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     model, precision = _load(args)
     bar = tqdm(
         total=args.n, desc=f"eval {args.task}", unit="image", disable=args.no_progress, file=sys.stderr
@@ -122,6 +120,6 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"model": name, "task": args.task, "setting": setting, "scores": scores}
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        write_atomically((json.dumps(record, indent=2) + "\n").encode(), path)
         print(f"openldm: wrote {path}", file=sys.stderr)
     return 0

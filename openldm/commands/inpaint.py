@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.strength <= 1.0:
         raise UsageError(f"--strength must be between 0 and 1, got {args.strength}")
     batches = _prompt_batches(args)
-    init_image = load_image(args.init_img)
-    mask = load_mask(args.mask)
+    init_image = load_image(args.init_img, "--init-img")
+    mask = load_mask(args.mask, "--mask")
     model, precision = _load_model(args)
     _check_model(args, model)
     if model.spec.variant not in INPAINT_VARIANTS:

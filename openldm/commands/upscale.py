@@ -94,7 +94,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before the checkpoint is read; raises ``UsageError``."""
-    from openldm.cli import UsageError
+    from openldm.cli import UsageError, _check_outputs, _device
 
     for flag, value, low in (
         ("--ddim_steps", args.ddim_steps, 1),
@@ -121,6 +121,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(
             "upscale needs the x4 upscaler: pass --ckpt x4-upscaler-ema.safetensors (or a diffusers folder)"
         )
+    _check_outputs(args)
+    _device(args.device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
     sampler = _sampler_name(args)
     check_args(args)
-    image = load_image(args.init_img)
+    image = load_image(args.init_img, "--init-img")
     model, precision = _load_model(args)
     result = upscale(
         model,

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--noise-level must be between 0 and 999, got {args.noise_level}")
     _check_input(args)
     batches = _prompt_batches(args)
-    init_image = load_image(args.init_img)
+    init_image = load_image(args.init_img, "--init-img")
     stats = read_embedding_stats(args.embedding_stats) if args.embedding_stats else None
     model, precision = _load_model(args)
     _check_model(args, model)

@@ -58,7 +58,9 @@ class AttnBlock(nn.Module):
         hn = self.norm(x)
 
         def tokens(t: Tensor) -> Tensor:  # [B, C, H, W] -> [B, 1, HW, C]
-            return t.reshape(b, 1, c, h * w).transpose(-1, -2)
+            # Contiguous: SDPA's flash kernel needs unit stride in C; on a transposed view the CPU falls
+            # back to the math kernel, which holds the HW x HW scores (1 GiB per image at 16384 pixels).
+            return t.reshape(b, 1, c, h * w).transpose(-1, -2).contiguous()
 
         out = F.scaled_dot_product_attention(tokens(self.q(hn)), tokens(self.k(hn)), tokens(self.v(hn)))
         out = out.transpose(-1, -2).reshape(b, c, h, w)

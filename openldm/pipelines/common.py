@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
+from openldm.pipelines.memory import Request, check_memory
 from openldm.prompts import encode_prompts
 from openldm.sampling.denoiser import CFGDenoiser, Denoiser
 from openldm.sampling.samplers import SAMPLERS, SamplerInfo, get_sampler
@@ -119,6 +120,51 @@ def check_size(width: int, height: int, multiple: int) -> None:
             raise ValueError(
                 f"{name} must be a positive multiple of {multiple} for this model, got {value!r}"
             )
+
+
+def prompt_count(prompt: str | Sequence[str]) -> int:
+    """How many prompts ``prompt`` holds (checked in full by :func:`batch_prompts`)."""
+    return len(prompt) if isinstance(prompt, list | tuple) else 1
+
+
+def activation_bytes(model: StableDiffusion, precision: str | None) -> int:
+    """Bytes per activation value: 2 under fp16/bf16 autocast, else the weights' element size."""
+    if precision in ("fp16", "bf16"):
+        return 2
+    return 4 if precision == "fp32" else dtype_of(model.unet).itemsize
+
+
+def check_request_memory(
+    model: StableDiffusion,
+    *,
+    images: int,
+    repeats: int,
+    width: int,
+    height: int,
+    guidance_scale: float,
+    precision: str | None,
+    output_type: str,
+    encode: bool = False,
+    latent: tuple[int, int] | None = None,
+    piece: tuple[int, int] | None = None,
+) -> None:
+    """Refuse (:class:`~openldm.pipelines.memory.InsufficientMemoryError`) a request of ``images``
+    images of ``width`` x ``height`` per repeat that cannot fit in the device's free memory, before
+    anything is allocated. ``latent``: the UNet's size when it is not the image's over the VAE factor;
+    ``piece``: the (height, width) the VAE decodes at once when it is not the whole image (tiles)."""
+    factor = model.spec.vae.downsampling_factor
+    request = Request(
+        batch=images,
+        repeats=repeats,
+        latent=latent or (height // factor, width // factor),
+        image=(height, width),
+        piece=piece,
+        guided=guidance_scale != 1.0,
+        encode=encode,
+        decode=output_type != "latent",
+        element_bytes=activation_bytes(model, precision),
+    )
+    check_memory(model.spec, request, device_of(model.unet))
 
 
 def batch_prompts(

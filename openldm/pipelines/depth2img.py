@@ -34,6 +34,7 @@ from openldm.pipelines.common import (
     autocast,
     batch_prompts,
     check_options,
+    check_request_memory,
     check_strength,
     check_weights_precision,
     conditioning,
@@ -43,6 +44,7 @@ from openldm.pipelines.common import (
     encode_images,
     make_generator,
     progress_bar,
+    prompt_count,
     run_repeats,
     run_settings,
     sampler_options,
@@ -104,6 +106,8 @@ def read_depth_map(depth_map: DepthMap) -> torch.Tensor:
 
 
 def _read_depth_file(path: Path) -> np.ndarray | Image.Image:
+    if path.is_dir():
+        raise ValueError(f"depth map {str(path)!r} is a folder; give an image or .npy file")
     if not path.is_file():
         raise ValueError(f"depth map {str(path)!r} does not exist")
     if path.suffix.lower() == ".npy":
@@ -230,6 +234,17 @@ def depth2img(
     factor = model.spec.vae.downsampling_factor
     pixels = prepare_init_image(image, width, height, size_multiple(model))
     height, width = pixels.shape[-2:]
+    check_request_memory(
+        model,
+        images=prompt_count(prompt) * n_samples,
+        repeats=n_iter,
+        width=width,
+        height=height,
+        guidance_scale=guidance_scale,
+        precision=precision,
+        output_type=output_type,
+        encode=True,
+    )
     prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
     if given is not None and given.shape[0] not in (1, len(prompts)):
         raise ValueError(

@@ -32,6 +32,7 @@ from openldm.pipelines.common import (
     autocast,
     batch_prompts,
     check_options,
+    check_request_memory,
     check_size,
     check_strength,
     check_weights_precision,
@@ -41,6 +42,7 @@ from openldm.pipelines.common import (
     encode_images,
     make_generator,
     progress_bar,
+    prompt_count,
     run_repeats,
     run_settings,
     sampler_options,
@@ -105,6 +107,17 @@ def img2img(
     factor = model.spec.vae.downsampling_factor
     image = prepare_init_image(init_image, width, height, size_multiple(model))
     height, width = image.shape[-2:]
+    check_request_memory(
+        model,
+        images=prompt_count(prompt) * n_samples,
+        repeats=n_iter,
+        width=width,
+        height=height,
+        guidance_scale=guidance_scale,
+        precision=precision,
+        output_type=output_type,
+        encode=True,
+    )
     prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
     options = sampler_options(sampler, info, eta)
     seed, generator = make_generator(seed, generator)

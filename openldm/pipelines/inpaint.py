@@ -36,7 +36,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from openldm.images import fit_to_multiple, load_image, pil_to_tensor, to_unit, unit_to_uint8
+from openldm.images import fit_to_multiple, load_image, open_image, pil_to_tensor, to_unit, unit_to_uint8
 from openldm.pipelines.common import (
     TEXT_TO_IMAGE_VARIANTS,
     Callback,
@@ -53,6 +52,7 @@ from openldm.pipelines.common import (
     autocast,
     batch_prompts,
     check_options,
+    check_request_memory,
     check_size,
     check_strength,
     check_weights_precision,
@@ -62,6 +62,7 @@ from openldm.pipelines.common import (
     encode_images,
     make_generator,
     progress_bar,
+    prompt_count,
     run_repeats,
     run_settings,
     sampler_options,
@@ -138,6 +139,17 @@ def inpaint(
     check_strength(strength)
     init = prepare_image(image, width, height, size_multiple(model))
     height, width = init.tensor.shape[-2:]
+    check_request_memory(
+        model,
+        images=prompt_count(prompt) * n_samples,
+        repeats=n_iter,
+        width=width,
+        height=height,
+        guidance_scale=guidance_scale,
+        precision=precision,
+        output_type=output_type,
+        encode=True,
+    )
     repaint = prepare_mask(mask, width, height, init.source_size)
     prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
     options = sampler_options(sampler, info, eta)
@@ -313,16 +325,9 @@ def prepare_mask(
     return torch.from_numpy(array >= 0.5).float()[None, None]
 
 
-def load_mask(path: str | os.PathLike[str]) -> Image.Image:
-    """Open a mask file; a missing or unreadable file is a ``ValueError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"mask image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            return image.convert("L")
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for broken or non-image files
-        raise ValueError(f"cannot read mask image {str(path)!r} as an image ({e})") from None
+def load_mask(path: str | os.PathLike[str], what: str = "mask image") -> Image.Image:
+    """Open a mask file as grey levels; a missing or unreadable file is a ``ValueError`` naming it."""
+    return open_image(path, what, "L")
 
 
 # --- sampling ----------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from openldm.pipelines.common import (
     autocast,
     batch_prompts,
     check_options,
+    check_request_memory,
     check_weights_precision,
     conditioning,
     decode,
@@ -63,6 +64,7 @@ from openldm.pipelines.common import (
     image_settings,
     make_generator,
     progress_bar,
+    prompt_count,
     run_settings,
     sampler_options,
     sampling_sigmas,
@@ -307,6 +309,19 @@ def upscale(
     low_res = prepare_low_res(image)
     height, width = low_res.shape[-2:]
     factor = model.spec.vae.downsampling_factor
+    piece = (min(tile or height, height), min(tile or width, width))
+    check_request_memory(
+        model,
+        images=prompt_count(prompt) * n_samples,
+        repeats=n_iter,
+        width=width * factor,
+        height=height * factor,
+        guidance_scale=guidance_scale,
+        precision=precision,
+        output_type=output_type,
+        latent=piece,
+        piece=(piece[0] * factor, piece[1] * factor),
+    )
     prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
     options = sampler_options(sampler, info, eta)
     seed, generator = make_generator(seed, generator)

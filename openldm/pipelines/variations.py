@@ -25,6 +25,7 @@ from openldm.pipelines.common import (
     autocast,
     batch_prompts,
     check_options,
+    check_request_memory,
     check_size,
     check_weights_precision,
     conditioning,
@@ -32,6 +33,7 @@ from openldm.pipelines.common import (
     draw_noise,
     make_generator,
     progress_bar,
+    prompt_count,
     run_repeats,
     run_settings,
     sampler_options,
@@ -110,6 +112,16 @@ def variations(
     height = height if height is not None else model.spec.image_size
     factor = model.spec.vae.downsampling_factor
     check_size(width, height, size_multiple(model))
+    check_request_memory(
+        model,
+        images=prompt_count(prompt) * n_samples,
+        repeats=n_iter,
+        width=width,
+        height=height,
+        guidance_scale=guidance_scale,
+        precision=precision,
+        output_type=output_type,
+    )
     prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
     options = sampler_options(sampler, info, eta)
     seed, generator = make_generator(seed, generator)

@@ -49,6 +49,8 @@ examples:
   # about 13 minutes each, side by side on 2 cores)
   openldm train --out runs/embedded-inpaint --stage inpaint --threads 1
   openldm train --out runs/embedded-depth --stage depth --threads 1
+  # ... and replace the packaged one (only an --export that names it writes into the package)
+  openldm train --out runs/embedded-depth --stage depth --export openldm/data/embedded-depth.safetensors
 """
 
 
@@ -77,7 +79,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--export",
         metavar="PATH",
         help="where to write the single-file model (default: OUT/embedded.safetensors, for --stage inpaint "
-        "or depth openldm/data/embedded-STAGE.safetensors; 'none' to skip)",
+        "or depth OUT/embedded-STAGE.safetensors; 'none' to skip). Nothing is written into the installed "
+        "package unless named here, e.g. --export openldm/data/embedded-inpaint.safetensors",
     )
     parser.add_argument(
         "--base",
@@ -85,12 +88,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="--stage inpaint/depth: the base model to start from (default: the packaged embedded model)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps... (default: %(default)s)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads for torch (default: torch's choice, one per core; on a CPU shared with other "
-        "busy processes, 1 is faster)",
-    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -102,6 +99,19 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_train)
     return parser
+
+
+def check_run_folders(args: argparse.Namespace) -> None:
+    """--device exists, --out is a writable folder outside the installed package, and the folder of an
+    --export given by name is writable; before any training."""
+    from openldm.devices import resolve_device
+    from openldm.files import check_output_folder, check_outside_package
+
+    resolve_device(args.device)
+    check_outside_package(args.out, "--out")
+    check_output_folder(args.out, "--out")
+    if args.export not in (None, "none"):
+        check_output_folder(Path(args.export).parent, "--export's folder")
 
 
 def default_workers(device: str) -> int:
@@ -119,15 +129,10 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.minutes is not None and args.minutes <= 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     args.workers = default_workers(args.device) if args.workers is None else args.workers
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    check_run_folders(args)
     logging.getLogger("openldm").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(message)s")

@@ -34,6 +34,7 @@ from torch import nn
 
 from openldm.checkpoints.variant_files import spec_metadata
 from openldm.config import ModelSpec, preset
+from openldm.files import replaced_when_done, write_atomically
 from openldm.shapes.dataset import ShapesDataset
 from openldm.train.autoencoder import (
     AutoencoderRecipe,
@@ -280,7 +281,8 @@ def export_single_file(model: TextToImage, vae: nn.Module, spec: ModelSpec, path
     metadata = spec_metadata(spec)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata=metadata)
+    with replaced_when_done(path) as temporary:
+        save_file(sd, str(temporary), metadata=metadata)
     return path.stat().st_size
 
 
@@ -306,5 +308,5 @@ def _write_report(out: Path, report: dict[str, object]) -> dict[str, object]:
     path = out / "report.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     previous.update(report)
-    path.write_text(json.dumps(previous, indent=2) + "\n")
+    write_atomically((json.dumps(previous, indent=2) + "\n").encode(), path)
     return previous

@@ -56,6 +56,7 @@ from openldm.checkpoints.variant_files import (
     spec_metadata,
 )
 from openldm.config import ModelSpec, UNetConfig, preset
+from openldm.files import write_atomically
 from openldm.images import pil_to_tensor
 from openldm.nn.unet import UNetModel
 from openldm.pipelines.depth2img import normalize_depth
@@ -605,7 +606,7 @@ def run_variant(
         size = export_variant(unet, recipe.spec, base, export_path)
         report["export"] = {"path": str(export_path), "bytes": size}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomically((json.dumps(report, indent=2) + "\n").encode(), out / "report.json")
     return report
 
 
@@ -644,18 +645,17 @@ def export_variant(
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    write_atomically(data, path)
     return len(data)
 
 
 # --- openldm train --stage inpaint|depth ---------------------------------------------------------
 
 
-def default_export_path(kind: str) -> Path:
-    """openldm/data/embedded-<kind>.safetensors, next to the packaged base model."""
-    from openldm.embedded import EMBEDDED_FILE
-
-    return EMBEDDED_FILE.with_name(f"embedded-{kind}.safetensors")
+def default_export_path(kind: str, out_dir: str | Path) -> Path:
+    """``OUT/embedded-<kind>.safetensors``: in the run's folder, never over the packaged variant (which
+    only an --export that names it replaces)."""
+    return Path(out_dir) / f"embedded-{kind}.safetensors"
 
 
 def run_variant_command(args: argparse.Namespace) -> dict[str, object]:
@@ -665,7 +665,7 @@ def run_variant_command(args: argparse.Namespace) -> dict[str, object]:
     loop_changes = {"steps": args.steps, "minutes": args.minutes, "workers": args.workers}
     recipe = with_loop(variant_recipe(args.stage), **loop_changes)
     base = Path(args.base) if args.base else embedded_file()
-    export = None if args.export == "none" else Path(args.export or default_export_path(args.stage))
+    export = None if args.export == "none" else Path(args.export or default_export_path(args.stage, args.out))
     return run_variant(
         recipe,
         base,
