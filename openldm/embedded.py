@@ -20,8 +20,11 @@ EMBEDDED_FILE = Path(__file__).parent / "data" / "embedded.safetensors"
 EMBEDDED_PRESET = "embedded"
 # The UNet-only variants trained from the base (openldm train --stage inpaint|depth): kind -> preset.
 VARIANT_PRESETS = {"inpaint": "embedded-inpaint", "depth": "embedded-depth"}
-# The prompt `openldm txt2img` draws when neither --ckpt nor --prompt is given: one the model knows.
-EMBEDDED_PROMPT = "a red circle on a blue background"
+# The prompt `openldm txt2img` draws when neither --ckpt nor --prompt is given: one the model renders
+# right. It names the cell: 92% of the one-shape training captions do, and without one the model draws the
+# shape twice in about half the images ("a red circle on a blue background": one red circle in 24 of 45
+# images over 5 seeds, DDIM 50; with "in the centre" 45 of 45). `openldm eval` measures the case.
+EMBEDDED_PROMPT = "a red circle in the centre on a blue background"
 
 
 def variant_file(kind: str) -> Path:
@@ -53,11 +56,20 @@ def embedded_file(kind: str | None = None) -> Path:
 
 def load_embedded(kind: str | None = None, **options: Any) -> StableDiffusion:
     """Load the embedded model (``kind`` None) or its "inpaint" / "depth" variant (merged with the base);
-    ``options`` are :func:`openldm.checkpoints.load.load`'s (device, dtype...)."""
+    ``options`` are :func:`openldm.checkpoints.load.load`'s (device, dtype...).
+
+    The file is fp16; on the CPU, where fp16 arithmetic is slow (6.5 s instead of 0.6 s for an image at
+    25 steps on 2 cores), it loads in float32 (40 MB) unless ``dtype=`` says otherwise."""
+    import torch
+
     from openldm.checkpoints.load import load
+    from openldm.devices import resolve_device
 
     if "preset" in options or "base" in options:
         raise TypeError("load_embedded() takes no preset or base: the embedded models bring their own")
+    options["device"] = resolve_device(options.get("device", "cpu"))
+    if options.get("dtype") is None and options["device"].type == "cpu":
+        options["dtype"] = torch.float32
     if kind is None:
         return load(embedded_file(), preset=EMBEDDED_PRESET, **options)
     variant = embedded_file(kind)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,16 +56,28 @@ def check_outside_package(path: str | os.PathLike[str], flag: str) -> None:
         )
 
 
+def new_file_beside(path: Path) -> tuple[int, Path]:
+    """A new empty file with a unique hidden name in ``path``'s folder, open for writing: (descriptor,
+    path). Its permissions follow the umask as any new file's (``mkstemp`` would make it private)."""
+    for _ in range(100):
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 @contextlib.contextmanager
 def replaced_when_done(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed to ``path`` when the block ends without an
     error, removed otherwise: an interrupted or failed write leaves the old file (or none), never half
     of a new one."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = new_file_beside(path)
     os.close(handle)
     try:
-        yield Path(temporary)
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -15,15 +15,6 @@ from PIL import Image
 import openldm
 from openldm.cli import main
 from openldm.images import read_parameters
-from tests.oracles import (
-    Oracles,
-    single_file_state_dict,
-    text_oracle,
-    unet_oracle,
-    vae_oracle,
-    write_single_file,
-)
-from tests.tiny import TINY
 
 pytest.importorskip("diffusers")  # the tiny checkpoint's weights come from the oracles
 
@@ -39,12 +30,8 @@ def _single_thread():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    spec = TINY["sd1"]
-    oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
-    path = tmp_path_factory.mktemp("cli") / "tiny-sd1.safetensors"
-    write_single_file(path, single_file_state_dict("sd1", spec, oracles))
-    return path
+def ckpt(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

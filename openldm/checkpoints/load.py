@@ -70,6 +70,7 @@ from openldm.config import (
     VAEConfig,
 )
 from openldm.config import preset as named_preset
+from openldm.devices import resolve_device
 from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.unet import UNetModel
 from openldm.nn.vae import AutoencoderKL
@@ -231,6 +232,7 @@ def load(
             single file whose VAE and text encoder it shares (default: the packaged embedded model
             when the file names it as its base).
     """
+    device = resolve_device(device)  # a device this machine lacks is an error before any reading
     source = os.fspath(path_or_id)
     path = Path(source)
     if base is not None and not path.is_file():

@@ -269,6 +269,25 @@ def ground_truth_generator(size: int) -> Generate:
     return generate
 
 
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", disable=not progress, file=sys.stderr)
+
+
+def generate_set(
+    generate: Generate, pairs: Sequence[tuple[str, Scene]], setting: Setting, batch_size: int, bar: Any
+) -> list[Image.Image]:
+    """The images of ``pairs`` (caption, scene) under ``setting``, ``batch_size`` at a time; the index
+    of each batch's first image fixes its noise."""
+    images: list[Image.Image] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        images += generate([c for c, _ in chunk], [s for _, s in chunk], start, setting)
+        bar.update()
+    return images
+
+
 def score_settings(
     generate: Generate,
     settings: Sequence[Setting],
@@ -283,32 +302,20 @@ def score_settings(
     the scenes passed on to ``generate``: the index fixes each image's noise, the scenes serve
     ``--ground-truth``.
     """
-    from tqdm import tqdm
-
     from openldm.shapes.dataset import evaluation_scenes
     from openldm.shapes.evaluate import evaluate
 
     pairs = {name: evaluation_scenes(seed, n, held_out_only=name == "held-out") for name in SETS}
-    batches = math.ceil(n / batch_size)
-    bar = tqdm(
-        total=len(settings) * len(SETS) * batches,
-        desc=NAME,
-        unit="batch",
-        disable=not progress,
-        file=sys.stderr,
-    )
+    bar = _bar(len(settings) * len(SETS) * math.ceil(n / batch_size), NAME, progress)
     results: dict[Setting, Scores] = {}
     for setting in settings:
         bar.set_postfix_str(f"{setting.sampler}, {setting.steps} steps, guidance {setting.guidance:g}")
-        scores: Scores = {}
-        for name, set_pairs in pairs.items():
-            images: list[Image.Image] = []
-            for start in range(0, n, batch_size):
-                chunk = set_pairs[start : start + batch_size]
-                images += generate([c for c, _ in chunk], [s for _, s in chunk], start, setting)
-                bar.update()
-            scores[name] = evaluate(images, [s for _, s in set_pairs])
-        results[setting] = scores
+        results[setting] = {
+            name: evaluate(
+                generate_set(generate, set_pairs, setting, batch_size, bar), [s for _, s in set_pairs]
+            )
+            for name, set_pairs in pairs.items()
+        }
     bar.close()
     return results
 
@@ -317,27 +324,14 @@ def score_cases(
     generate: Generate, setting: Setting, n: int, seed: int, batch_size: int, progress: bool = True
 ) -> dict[str, dict[str, float]]:
     """Each hard case of :mod:`openldm.shapes.cases`: ``n`` images generated under ``setting``, scored."""
-    from tqdm import tqdm
-
     from openldm.shapes.cases import CASES, case_scenes
     from openldm.shapes.cases import score_cases as score
 
-    bar = tqdm(
-        total=len(CASES) * math.ceil(n / batch_size),
-        desc=f"{NAME} cases",
-        unit="batch",
-        disable=not progress,
-        file=sys.stderr,
-    )
+    bar = _bar(len(CASES) * math.ceil(n / batch_size), f"{NAME} cases", progress)
     results = {}
     for case in CASES:
         pairs = case_scenes(case, seed, n)
-        images: list[Image.Image] = []
-        for start in range(0, n, batch_size):
-            chunk = pairs[start : start + batch_size]
-            images += generate([c for c, _ in chunk], [s for _, s in chunk], start, setting)
-            bar.update()
-        results[case] = score(images, [s for _, s in pairs])
+        results[case] = score(generate_set(generate, pairs, setting, batch_size, bar), [s for _, s in pairs])
     bar.close()
     return results
 

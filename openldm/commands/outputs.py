@@ -14,14 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from openldm.files import check_output_folder
+from openldm.files import check_output_folder, new_file_beside
 from openldm.images import image_grid, png_bytes
 
 SAMPLE_NAME = re.compile(r"(\d{5})\.png")
@@ -80,8 +79,8 @@ def write_outputs(
 
 
 def _stage(data: bytes, folder: Path, pattern: re.Pattern[str], name: str) -> _Staged:
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".openldm-", suffix=".png.tmp")
-    staged = _Staged(Path(temporary), folder, pattern, name)
+    handle, temporary = new_file_beside(folder / "openldm.png")
+    staged = _Staged(temporary, folder, pattern, name)
     with os.fdopen(handle, "wb") as file:
         file.write(data)
     return staged

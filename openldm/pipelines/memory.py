@@ -156,7 +156,7 @@ def check_memory(spec: ModelSpec, request: Request, device: torch.device) -> Est
         raise InsufficientMemoryError(
             f"this request needs about {needed.describe()} of memory for {request.batch} image(s) of "
             f"{width}x{height} at a time, but {device.type} has {_gib(free)} available; ask for fewer "
-            "or smaller images (n_samples, width, height)"
+            "images at a time (n_samples) or smaller ones (width, height)"
         )
     return needed
 

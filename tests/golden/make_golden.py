@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 GOLDEN_FILE = Path(__file__).parent / "embedded_txt2img.png"
-PROMPT = "a red circle on a blue background"
+PROMPT = "a red circle in the centre on a blue background"
 SETTINGS: dict[str, Any] = {"seed": 0, "sampler": "ddim", "steps": 20, "guidance_scale": 7.5}
 
 

@@ -1,0 +1,73 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    if shutil.which("chattr") is None:
+        return False
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+def _writable(folder: Path) -> bool:
+    probe = folder / ".probe"
+    try:
+        probe.write_text("x")
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@pytest.fixture
+def read_only_folder() -> Iterator[Callable[[Path], Path]]:
+    """``make(path)`` creates the folder ``path`` and makes it read-only, for root too (root ignores
+    permission bits: the folder is made immutable with ``chattr +i``); undone after the test."""
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        made.append(path)
+        if os.geteuid() == 0:
+            _chattr("+i", path)
+        else:
+            path.chmod(0o555)
+        if _writable(path):
+            pytest.fail(f"could not make {path} read-only on this machine (as root, chattr +i is needed)")
+        return path
+
+    yield make
+    for path in reversed(made):
+        if os.geteuid() == 0:
+            _chattr("-i", path)
+        else:
+            path.chmod(0o755)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny SD 1 single file with seeded random weights (the oracles' layout and names)."""
+    pytest.importorskip("diffusers")  # the weights come from the oracles
+    from tests.oracles import (
+        Oracles,
+        single_file_state_dict,
+        text_oracle,
+        unet_oracle,
+        vae_oracle,
+        write_single_file,
+    )
+    from tests.tiny import TINY
+
+    spec = TINY["sd1"]
+    oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
+    path = tmp_path_factory.mktemp("tiny") / "tiny-sd1.safetensors"
+    write_single_file(path, single_file_state_dict("sd1", spec, oracles))
+    return path
