@@ -8,39 +8,37 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
-import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from openldm.config import ModelSpec, Variant
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
 from openldm.pipelines.memory import Request, check_memory
+from openldm.pipelines.options import PRECISIONS, Callback, GenerationOptions
 from openldm.prompts import encode_prompts
 from openldm.sampling.denoiser import CFGDenoiser, Denoiser
-from openldm.sampling.samplers import SAMPLERS, SamplerInfo, get_sampler
+from openldm.sampling.samplers import SamplerInfo
 from openldm.sampling.schedule import NoiseSchedule
 
 if TYPE_CHECKING:
-    from openldm.checkpoints.load import StableDiffusion
+    from openldm.nn.clip import CLIPTextEncoder
+    from openldm.nn.unet import UNetModel
+    from openldm.nn.vae import AutoencoderKL
+    from openldm.tokenizer import CLIPTokenizer
 
 log = logging.getLogger("openldm")
 
-Precision = Literal["fp32", "fp16", "bf16"]
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OutputType = Literal["pil", "np", "pt", "latent"]
-OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 # Variants whose UNet takes the noisy latent alone (4 channels) and text: what txt2img/img2img drive.
-TEXT_TO_IMAGE_VARIANTS = ("sd1", "sd2")
-Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+TEXT_TO_IMAGE_VARIANTS: tuple[Variant, ...] = ("sd1", "sd2")
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -65,47 +63,25 @@ class Generation:
     settings: list[dict[str, Any]] = field(default_factory=list)
 
 
+# --- the model ---------------------------------------------------------------------------------
+
+
+class Model(Protocol):
+    """What the pipelines read of a loaded model (:class:`openldm.model.StableDiffusion`)."""
+
+    spec: ModelSpec
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextEncoder
+    tokenizer: CLIPTokenizer
+    extras: dict[str, dict[str, torch.Tensor]]
+    source: str
+
+
 # --- checks ------------------------------------------------------------------------------------
 
 
-def check_options(
-    model: StableDiffusion,
-    *,
-    steps: int,
-    guidance_scale: float,
-    sampler: str,
-    n_samples: int,
-    n_iter: int,
-    output_type: str,
-    precision: str | None,
-    variants: Sequence[str] = TEXT_TO_IMAGE_VARIANTS,
-    needs: str = f"txt2img and img2img need a text-to-image model ({' or '.join(TEXT_TO_IMAGE_VARIANTS)})",
-) -> SamplerInfo:
-    """Raise ``ValueError`` naming the first bad option; return the sampler's registry entry.
-
-    ``variants``: the model variants the pipeline drives; ``needs`` completes the message refusing others.
-    """
-    if model.spec.variant not in variants:
-        raise ValueError(f"this is a {model.spec.variant} model; {needs}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
-    if steps > model.spec.schedule.num_timesteps:
-        raise ValueError(f"steps must be at most {model.spec.schedule.num_timesteps}, got {steps}")
-    if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(
-            f"guidance scale must be a finite number >= 0 (1 turns guidance off), got {guidance_scale!r}"
-        )
-    for name, value in (("n_samples", n_samples), ("n_iter", n_iter)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"unknown output_type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)} (or None)")
-    return get_sampler(sampler)
-
-
-def size_multiple(model: StableDiffusion) -> int:
+def size_multiple(model: Model) -> int:
     """What image sides must be multiples of: the VAE's downsampling factor (8 for SD).
 
     The UNet upsamples to the size of each skip connection, so latents of any size work (the
@@ -122,12 +98,7 @@ def check_size(width: int, height: int, multiple: int) -> None:
             )
 
 
-def prompt_count(prompt: str | Sequence[str]) -> int:
-    """How many prompts ``prompt`` holds (checked in full by :func:`batch_prompts`)."""
-    return len(prompt) if isinstance(prompt, list | tuple) else 1
-
-
-def activation_bytes(model: StableDiffusion, precision: str | None) -> int:
+def activation_bytes(model: Model, precision: str | None) -> int:
     """Bytes per activation value: 2 under fp16/bf16 autocast, else the weights' element size."""
     if precision in ("fp16", "bf16"):
         return 2
@@ -135,7 +106,7 @@ def activation_bytes(model: StableDiffusion, precision: str | None) -> int:
 
 
 def check_request_memory(
-    model: StableDiffusion,
+    model: Model,
     *,
     images: int,
     repeats: int,
@@ -165,24 +136,6 @@ def check_request_memory(
         element_bytes=activation_bytes(model, precision),
     )
     check_memory(model.spec, request, device_of(model.unet))
-
-
-def batch_prompts(
-    prompt: str | Sequence[str], negative_prompt: str | Sequence[str], n_samples: int
-) -> tuple[list[str], list[str]]:
-    """The prompt and negative prompt of every image of a batch: each prompt ``n_samples`` times in a row."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompt must be a string or a non-empty list of strings")
-    negatives = (
-        [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    )
-    if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
-        raise ValueError(
-            f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt), "
-            f"got {negative_prompt!r}"
-        )
-    return [p for p in prompts for _ in range(n_samples)], [p for p in negatives for _ in range(n_samples)]
 
 
 # --- seeds and noise ---------------------------------------------------------------------------
@@ -231,7 +184,7 @@ def autocast(device: torch.device, precision: str | None) -> contextlib.Abstract
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
-def check_weights_precision(model: StableDiffusion, precision: str | None) -> None:
+def check_weights_precision(model: Model, precision: str | None) -> None:
     if precision == "fp32" and dtype_of(model.unet) != torch.float32:
         raise ValueError(
             f"precision 'fp32' asked but the weights are {dtype_of(model.unet)}; "
@@ -243,7 +196,7 @@ def check_weights_precision(model: StableDiffusion, precision: str | None) -> No
 
 
 def conditioning(
-    model: StableDiffusion, prompts: list[str], negatives: list[str], guidance_scale: float, weighting: bool
+    model: Model, prompts: list[str], negatives: list[str], guidance_scale: float, weighting: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(cond, uncond) for classifier-free guidance, encoded in one batch so their lengths match.
 
@@ -268,7 +221,7 @@ def strength_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.
 
 
 def encode_images(
-    model: StableDiffusion, precision: str | None, pixels: torch.Tensor, generator: torch.Generator
+    model: Model, precision: str | None, pixels: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] -> scaled latents (one posterior sample each) on the UNet's device."""
     pixels = pixels.to(device_of(model.vae))
@@ -281,7 +234,7 @@ def encode_images(
     ).to(device_of(model.unet))
 
 
-def sampling_sigmas(model: StableDiffusion, info: SamplerInfo, steps: int, karras: bool) -> torch.Tensor:
+def sampling_sigmas(model: Model, info: SamplerInfo, steps: int, karras: bool) -> torch.Tensor:
     """The float64 sigmas (``steps + 1``, descending, last 0) that ``info``'s sampler walks."""
     return info.sigmas(NoiseSchedule(model.spec.schedule), steps, karras=karras)
 
@@ -301,7 +254,7 @@ class Sampling:
     branches unless ``extra_uncond`` gives the unconditional branch its own.
     """
 
-    model: StableDiffusion
+    model: Model
     info: SamplerInfo
     sigmas: torch.Tensor
     cond: torch.Tensor
@@ -352,24 +305,6 @@ class Sampling:
         }
 
 
-def sampler_options(name: str, info: SamplerInfo, eta: float | None) -> dict[str, Any]:
-    """Keyword options for the sampler: ``eta`` when given (None keeps the sampler's own default)."""
-    if eta is None:
-        return {}
-    if not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if _has_eta(info):
-        return {"eta": float(eta)}
-    if eta != 0:
-        with_eta = ", ".join(n for n, i in SAMPLERS.items() if _has_eta(i))
-        raise ValueError(f"eta must be 0 for the {name} sampler: only {with_eta} have an eta")
-    return {}
-
-
-def _has_eta(info: SamplerInfo) -> bool:
-    return "eta" in inspect.signature(info.fn).parameters
-
-
 def progress_bar(total: int, show: bool, desc: str) -> tqdm:
     return tqdm(total=total, disable=not show, desc=desc, unit="step", leave=False)
 
@@ -378,17 +313,17 @@ def progress_bar(total: int, show: bool, desc: str) -> tqdm:
 
 
 @contextlib.contextmanager
-def _fp32_vae(model: StableDiffusion) -> Iterator[nn.Module]:
+def _fp32_vae(model: Model) -> Iterator[nn.Module]:
     vae = model.vae if dtype_of(model.vae) == torch.float32 else copy.deepcopy(model.vae).float()
     yield vae
 
 
-def _reduced(model: StableDiffusion, precision: str | None) -> bool:
+def _reduced(model: Model, precision: str | None) -> bool:
     return precision in ("fp16", "bf16") or dtype_of(model.vae) != torch.float32
 
 
 def vae_call(
-    model: StableDiffusion,
+    model: Model,
     precision: str | None,
     what: str,
     run: Callable[[nn.Module], torch.Tensor],
@@ -426,7 +361,7 @@ def check_latents(latents: torch.Tensor, precision: str | None) -> None:
         raise NonFiniteOutputError(f"sampling produced NaN/inf latents (the UNet overflowed?); {hint}")
 
 
-def decode(model: StableDiffusion, latents: torch.Tensor, precision: str | None) -> torch.Tensor:
+def decode(model: Model, latents: torch.Tensor, precision: str | None) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1], float32 on the latents' device."""
     device = device_of(model.vae)
     return vae_call(
@@ -437,35 +372,32 @@ def decode(model: StableDiffusion, latents: torch.Tensor, precision: str | None)
 # --- results -----------------------------------------------------------------------------------
 
 
-def model_name(model: StableDiffusion) -> str:
+def model_name(model: Model) -> str:
     source = Path(model.source) if model.source else None
     return source.stem if source is not None and source.name else model.spec.name
 
 
 def run_settings(
-    model: StableDiffusion,
-    info: SamplerInfo,
+    model: Model,
+    options: GenerationOptions,
     *,
-    steps: int,
-    guidance_scale: float,
     seed: int,
     width: int,
     height: int,
-    karras: bool,
-    eta: float | None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The web UI's generation parameters shared by the images of a run, in its order."""
     return {
-        "Steps": steps,
-        "Sampler": info.display_name,
-        "Schedule type": "Karras" if karras else None,
-        "CFG scale": guidance_scale,
+        "Steps": options.steps,
+        "Sampler": options.sampler_info.display_name,
+        "Schedule type": "Karras" if options.karras else None,
+        "CFG scale": options.guidance_scale,
         "Seed": seed,
         "Size": f"{width}x{height}",
         "Model": model_name(model),
         **(extra or {}),
-        "Eta": eta,
+        "Eta": options.sampler_options.get("eta"),
+        "Fixed code": True if options.fixed_code and options.n_iter > 1 else None,
     }
 
 
@@ -480,32 +412,6 @@ def image_settings(run: dict[str, Any], batch_size: int, n_iter: int, iteration:
         }
         for position in range(batch_size)
     ]
-
-
-def run_repeats(
-    model: StableDiffusion,
-    n_iter: int,
-    sample: Callable[[int], torch.Tensor],
-    *,
-    prompts: list[str],
-    negatives: list[str],
-    run: dict[str, Any],
-    seed: int,
-    output_type: str,
-    precision: str | None,
-) -> Generation:
-    """``sample(iteration) -> latents`` for each of ``n_iter`` repeats, decoded, then :func:`finish`."""
-    latents, images, settings = [], [], []
-    for iteration in range(n_iter):
-        x = sample(iteration)
-        if output_type != "latent":
-            images.append(decode(model, x, precision))
-        latents.append(x)
-        settings += image_settings(run, len(prompts), n_iter, iteration)
-    decoded = torch.cat(images) if images else None
-    return finish(
-        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
-    )
 
 
 def finish(
@@ -532,7 +438,3 @@ def finish(
     return Generation(
         images=out, latents=latents.detach().float().cpu(), parameters=texts, seed=seed, settings=settings
     )
-
-
-def sampler_names() -> str:
-    return ", ".join(SAMPLERS)

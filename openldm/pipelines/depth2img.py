@@ -17,9 +17,9 @@ one side to 384; bicubic) in [-1, 1]. Sampling is :func:`openldm.pipelines.img2i
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,36 +27,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from openldm.pipelines.common import (
-    Callback,
-    Generation,
-    Sampling,
-    autocast,
-    batch_prompts,
-    check_options,
-    check_request_memory,
-    check_strength,
-    check_weights_precision,
-    conditioning,
-    device_of,
-    draw_noise,
-    dtype_of,
-    encode_images,
-    make_generator,
-    progress_bar,
-    prompt_count,
-    run_repeats,
-    run_settings,
-    sampler_options,
-    sampling_sigmas,
-    size_multiple,
-    strength_sigmas,
-    unit_noise,
-)
-from openldm.pipelines.img2img import InitImage, prepare_init_image
+from openldm.pipelines.common import Generation, Model, check_strength, device_of, dtype_of
+from openldm.pipelines.img2img import Img2Img, InitImage
+from openldm.pipelines.options import GenerationOptions, Prompt, build_options
+from openldm.pipelines.run import Run, generate
 
 if TYPE_CHECKING:
-    from openldm.checkpoints.load import StableDiffusion
+    from typing_extensions import Unpack
+
+    from openldm.pipelines.options import OptionFields
 
 DepthMap = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike[str]
 DEPTH_VARIANT = "depth"
@@ -155,7 +134,7 @@ def midas_input_size(height: int, width: int, target: int = MIDAS_SIZE) -> tuple
     return multiple(scale * height), multiple(scale * width)
 
 
-def depth_estimator(model: StableDiffusion) -> nn.Module:
+def depth_estimator(model: Model) -> nn.Module:
     """The MiDaS DPT-hybrid estimator of the checkpoint (``depth_model.*``), on the UNet's device."""
     from openldm.nn.midas import estimator_from_extras
 
@@ -170,7 +149,7 @@ def depth_estimator(model: StableDiffusion) -> nn.Module:
     return estimator.to(device_of(model.unet))
 
 
-def estimate_depth(model: StableDiffusion, image: torch.Tensor) -> torch.Tensor:
+def estimate_depth(model: Model, image: torch.Tensor) -> torch.Tensor:
     """MiDaS depth [1, h, w] (larger is nearer) of ``image`` [1, 3, H, W] in [-1, 1]."""
     estimator = depth_estimator(model)
     size = midas_input_size(int(image.shape[-2]), int(image.shape[-1]))
@@ -182,32 +161,47 @@ def estimate_depth(model: StableDiffusion, image: torch.Tensor) -> torch.Tensor:
 # --- the pipeline ------------------------------------------------------------------------------
 
 
+@dataclass
+class Depth2Img(Img2Img):
+    """img2img whose UNet also reads the depth map, normalised at latent size, as extra channels."""
+
+    depth_map: DepthMap | None = None
+    strength: float = 0.8
+    name = "depth2img"
+    variants = (DEPTH_VARIANT,)
+    needs = "depth2img needs a depth model (a UNet with 5 input channels, such as 512-depth-ema)"
+    given: torch.Tensor | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_strength(self.strength)
+        self.given = read_depth_map(self.depth_map) if self.depth_map is not None else None
+
+    def image_size(self, model: Model, options: GenerationOptions) -> tuple[int, int]:
+        batch = options.images_per_repeat
+        if self.given is not None and self.given.shape[0] not in (1, batch):
+            raise ValueError(
+                f"depth map batch must be 1 or one map per image ({batch}), got {self.given.shape[0]}"
+            )
+        return super().image_size(model, options)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "Depth map": "given" if self.given is not None else "MiDaS"}
+
+    def prepare(self, run: Run) -> None:
+        raw = self.given if self.given is not None else estimate_depth(run.model, self.pixels)
+        self.extra = {"c_concat": normalize_depth(raw, run.shape[-2:]).to(run.device)}
+        super().prepare(run)
+
+
 def depth2img(
-    model: StableDiffusion,
-    prompt: str | Sequence[str],
+    model: Model,
+    prompt: Prompt,
     image: InitImage,
-    negative_prompt: str | Sequence[str] = "",
+    negative_prompt: Prompt = "",
     *,
     depth_map: DepthMap | None = None,
     strength: float = 0.8,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    width: int | None = None,
-    height: int | None = None,
-    sampler: str = "ddim",
-    seed: int | None = None,
-    n_samples: int = 1,
-    n_iter: int = 1,
-    eta: float | None = None,
-    karras: bool = False,
-    weighting: bool = True,
-    callback: Callback | None = None,
-    output_type: str = "pil",
-    precision: str | None = None,
-    noise: torch.Tensor | None = None,
-    fixed_code: bool = False,
-    generator: torch.Generator | None = None,
-    progress: bool = True,
+    **options: Unpack[OptionFields],
 ) -> Generation:
     """Redraw ``image`` after ``prompt`` keeping its depth; ``strength`` in [0, 1] is how much is redrawn.
 
@@ -216,103 +210,5 @@ def depth2img(
     generated image; None estimates it with the checkpoint's MiDaS estimator. The other options are
     :func:`openldm.pipelines.img2img.img2img`'s (``image`` is its ``init_image``).
     """
-    info = check_options(
-        model,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        sampler=sampler,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        output_type=output_type,
-        precision=precision,
-        variants=(DEPTH_VARIANT,),
-        needs="depth2img needs a depth model (a UNet with 5 input channels, such as 512-depth-ema)",
-    )
-    check_weights_precision(model, precision)
-    check_strength(strength)
-    given = read_depth_map(depth_map) if depth_map is not None else None
-    factor = model.spec.vae.downsampling_factor
-    pixels = prepare_init_image(image, width, height, size_multiple(model))
-    height, width = pixels.shape[-2:]
-    check_request_memory(
-        model,
-        images=prompt_count(prompt) * n_samples,
-        repeats=n_iter,
-        width=width,
-        height=height,
-        guidance_scale=guidance_scale,
-        precision=precision,
-        output_type=output_type,
-        encode=True,
-    )
-    prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
-    if given is not None and given.shape[0] not in (1, len(prompts)):
-        raise ValueError(
-            f"depth map batch must be 1 or one map per image ({len(prompts)}), got {given.shape[0]}"
-        )
-    options = sampler_options(sampler, info, eta)
-    seed, generator = make_generator(seed, generator)
-    device = device_of(model.unet)
-    shape = (len(prompts), model.spec.vae.embed_dim, height // factor, width // factor)
-    if noise is not None and tuple(noise.shape) != shape:
-        raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
-    sigmas = strength_sigmas(sampling_sigmas(model, info, steps, karras), steps, strength)
-    run = run_settings(
-        model,
-        info,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        width=width,
-        height=height,
-        karras=karras,
-        eta=options.get("eta"),
-        extra={"Denoising strength": strength, "Depth map": "given" if given is not None else "MiDaS"},
-    )
-
-    with torch.inference_mode():
-        # 1. The depth map at latent size, in [-1, 1].
-        raw = given if given is not None else estimate_depth(model, pixels)
-        depth = normalize_depth(raw, shape[-2:]).to(device)
-        # 2. Encode the prompts.
-        with autocast(device, precision):
-            cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
-        # 3. Encode the init image: one posterior sample per batch image.
-        z = encode_images(model, precision, pixels.expand(len(prompts), -1, -1, -1), generator)
-        bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "depth2img")
-        sample = Sampling(
-            model,
-            info,
-            sigmas,
-            cond,
-            uncond,
-            guidance_scale,
-            generator,
-            options,
-            precision,
-            callback,
-            bar,
-            extra_cond={"c_concat": depth},
-        )
-        if noise is None and fixed_code:
-            noise = draw_noise(generator, shape, device)
-
-        def sample_one(iteration: int) -> torch.Tensor:
-            # 4. Noise to the first sigma of the steps that run, and sample (5. decode).
-            if len(sigmas) == 1:
-                return z.clone()
-            return sample(z + float(sigmas[0]) * unit_noise(generator, shape, device, noise))
-
-        result = run_repeats(
-            model,
-            n_iter,
-            sample_one,
-            prompts=prompts,
-            negatives=negatives,
-            run=run,
-            seed=seed,
-            output_type=output_type,
-            precision=precision,
-        )
-        bar.close()
-    return result
+    task = Depth2Img(image, strength, depth_map=depth_map)
+    return generate(model, task, build_options(prompt, negative_prompt, options))

@@ -18,160 +18,84 @@ sample) before the repeats; each repeat draws fresh noise from the same generato
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from openldm.images import fit_to_multiple, load_image, pil_to_tensor
-from openldm.pipelines.common import (
-    Callback,
-    Generation,
-    Sampling,
-    autocast,
-    batch_prompts,
-    check_options,
-    check_request_memory,
-    check_size,
-    check_strength,
-    check_weights_precision,
-    conditioning,
-    device_of,
-    draw_noise,
-    encode_images,
-    make_generator,
-    progress_bar,
-    prompt_count,
-    run_repeats,
-    run_settings,
-    sampler_options,
-    sampling_sigmas,
-    size_multiple,
-    strength_sigmas,
-    unit_noise,
-)
+from openldm.pipelines.common import Generation, Model, check_size, check_strength, strength_sigmas
+from openldm.pipelines.options import GenerationOptions, Prompt, build_options
+from openldm.pipelines.run import Run, Task, generate
 
 if TYPE_CHECKING:
-    from openldm.checkpoints.load import StableDiffusion
+    from typing_extensions import Unpack
+
+    from openldm.pipelines.options import OptionFields
 
 InitImage = Image.Image | str | os.PathLike[str] | torch.Tensor
 
 
+@dataclass
+class Img2Img(Task):
+    """The last ``int(strength * steps)`` steps from the init image's latent noised to their first sigma."""
+
+    image: InitImage
+    strength: float = 0.75
+    encodes = True
+    pixels: torch.Tensor = field(init=False, repr=False)
+    latent: torch.Tensor = field(init=False, repr=False)
+    extra: dict[str, torch.Tensor] | None = field(init=False, default=None, repr=False)  # UNet inputs
+
+    def __post_init__(self) -> None:
+        check_strength(self.strength)
+
+    def image_size(self, model: Model, options: GenerationOptions) -> tuple[int, int]:
+        self.pixels = prepare_init_image(
+            self.image, options.width, options.height, model.spec.vae.downsampling_factor
+        )
+        return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
+
+    def settings(self) -> dict[str, Any]:
+        return {"Denoising strength": self.strength}
+
+    def schedule(self, sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+        return strength_sigmas(sigmas, steps, self.strength)
+
+    def prepare(self, run: Run) -> None:
+        self.latent = run.encode(self.pixels.expand(run.batch, -1, -1, -1))  # one posterior sample each
+
+    def denoise(self, run: Run, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if len(run.sigmas) == 1:
+            x = self.latent.clone()
+        else:
+            x = run.sample(noised(self.latent, run, unit), extra=self.extra)
+        return x, run.decode(x)
+
+
+def noised(latent: torch.Tensor, run: Run, unit: torch.Tensor) -> torch.Tensor:
+    """``latent`` noised to the first sigma of the run: ``z + sigma * noise``."""
+    return latent + float(run.sigmas[0]) * unit
+
+
 def img2img(
-    model: StableDiffusion,
-    prompt: str | Sequence[str],
+    model: Model,
+    prompt: Prompt,
     init_image: InitImage,
-    negative_prompt: str | Sequence[str] = "",
+    negative_prompt: Prompt = "",
     *,
     strength: float = 0.75,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    width: int | None = None,
-    height: int | None = None,
-    sampler: str = "ddim",
-    seed: int | None = None,
-    n_samples: int = 1,
-    n_iter: int = 1,
-    eta: float | None = None,
-    karras: bool = False,
-    weighting: bool = True,
-    callback: Callback | None = None,
-    output_type: str = "pil",
-    precision: str | None = None,
-    noise: torch.Tensor | None = None,
-    fixed_code: bool = False,
-    generator: torch.Generator | None = None,
-    progress: bool = True,
+    **options: Unpack[OptionFields],
 ) -> Generation:
     """Repaint ``init_image`` after ``prompt``; ``strength`` in [0, 1] is how much of it is redrawn.
 
     ``init_image``: a PIL image, an image file, or a tensor [1, 3, H, W] in [-1, 1]. It is resized to
-    ``width`` x ``height`` when given, else down to the nearest multiple of 64 per side for SD (as the
-    reference script does; see :func:`~openldm.pipelines.common.size_multiple`). ``noise``
-    (unit variance, the latent's shape) replaces the noise drawn for every repeat. The other options
-    are :func:`openldm.pipelines.txt2img.txt2img`'s.
+    ``width`` x ``height`` when given, else down to the nearest multiple of 8 per side. ``noise`` (unit
+    variance, the latent's shape) replaces the noise drawn for every repeat. The other options are
+    :class:`~openldm.pipelines.options.GenerationOptions`'.
     """
-    info = check_options(
-        model,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        sampler=sampler,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        output_type=output_type,
-        precision=precision,
-    )
-    check_weights_precision(model, precision)
-    check_strength(strength)
-    factor = model.spec.vae.downsampling_factor
-    image = prepare_init_image(init_image, width, height, size_multiple(model))
-    height, width = image.shape[-2:]
-    check_request_memory(
-        model,
-        images=prompt_count(prompt) * n_samples,
-        repeats=n_iter,
-        width=width,
-        height=height,
-        guidance_scale=guidance_scale,
-        precision=precision,
-        output_type=output_type,
-        encode=True,
-    )
-    prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
-    options = sampler_options(sampler, info, eta)
-    seed, generator = make_generator(seed, generator)
-    device = device_of(model.unet)
-    shape = (len(prompts), model.spec.vae.embed_dim, height // factor, width // factor)
-    if noise is not None and tuple(noise.shape) != shape:
-        raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
-    # The last int(strength * steps) steps of the schedule.
-    sigmas = strength_sigmas(sampling_sigmas(model, info, steps, karras), steps, strength)
-    run = run_settings(
-        model,
-        info,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        width=width,
-        height=height,
-        karras=karras,
-        eta=options.get("eta"),
-        extra={"Denoising strength": strength},
-    )
-
-    with torch.inference_mode():
-        # 1. Encode the prompts.
-        with autocast(device, precision):
-            cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
-        # 2. Encode the init image: one posterior sample per batch image.
-        z = encode_images(model, precision, image.expand(len(prompts), -1, -1, -1), generator)
-        bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "img2img")
-        sample = Sampling(
-            model, info, sigmas, cond, uncond, guidance_scale, generator, options, precision, callback, bar
-        )
-        if noise is None and fixed_code:
-            noise = draw_noise(generator, shape, device)
-
-        def sample_one(iteration: int) -> torch.Tensor:
-            # 3. Noise to the first sigma of the steps that run, and sample (4. decode).
-            if len(sigmas) == 1:
-                return z.clone()
-            return sample(z + float(sigmas[0]) * unit_noise(generator, shape, device, noise))
-
-        result = run_repeats(
-            model,
-            n_iter,
-            sample_one,
-            prompts=prompts,
-            negatives=negatives,
-            run=run,
-            seed=seed,
-            output_type=output_type,
-            precision=precision,
-        )
-        bar.close()
-    return result
+    return generate(model, Img2Img(init_image, strength), build_options(prompt, negative_prompt, options))
 
 
 def prepare_init_image(

@@ -34,8 +34,7 @@ images, exactly: the same bytes in the PIL output, the same values in the ``np``
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,68 +45,100 @@ from PIL import Image
 from openldm.images import fit_to_multiple, load_image, open_image, pil_to_tensor, to_unit, unit_to_uint8
 from openldm.pipelines.common import (
     TEXT_TO_IMAGE_VARIANTS,
-    Callback,
     Generation,
-    Sampling,
-    autocast,
-    batch_prompts,
-    check_options,
-    check_request_memory,
+    Model,
     check_size,
     check_strength,
-    check_weights_precision,
-    conditioning,
-    device_of,
-    draw_noise,
-    encode_images,
-    make_generator,
-    progress_bar,
-    prompt_count,
-    run_repeats,
-    run_settings,
-    sampler_options,
-    sampling_sigmas,
-    size_multiple,
     strength_sigmas,
-    unit_noise,
 )
-from openldm.pipelines.img2img import InitImage, prepare_init_image
+from openldm.pipelines.img2img import InitImage, noised, prepare_init_image
+from openldm.pipelines.options import GenerationOptions, Prompt, build_options
+from openldm.pipelines.run import Run, Task, generate
 
 if TYPE_CHECKING:
-    from openldm.checkpoints.load import StableDiffusion
+    from typing_extensions import Unpack
+
+    from openldm.pipelines.options import OptionFields
 
 MaskImage = Image.Image | str | os.PathLike[str] | torch.Tensor
 INPAINT_VARIANTS = ("inpaint", *TEXT_TO_IMAGE_VARIANTS)
 ASPECT_TOLERANCE = 0.01
 
 
+@dataclass
+class Inpaint(Task):
+    """Repaint the white part of the mask: 9-channel models see it, 4-channel ones blend latents."""
+
+    image: InitImage
+    mask: MaskImage
+    strength: float = 1.0
+    paste_back: bool = False
+    name = "inpaint"
+    variants = INPAINT_VARIANTS
+    needs = f"inpainting needs an inpainting model or a text-to-image model ({', '.join(INPAINT_VARIANTS)})"
+    encodes = True
+    init: WorkingImage = field(init=False, repr=False)
+    repaint: torch.Tensor = field(init=False, repr=False)  # [1, 1, H, W], 1 = repaint
+    channels: bool = field(init=False, default=False)  # the UNet takes [mask, masked latent]
+    extra: dict[str, torch.Tensor] | None = field(init=False, default=None, repr=False)
+    mask_latent: torch.Tensor = field(init=False, repr=False)
+    latent: torch.Tensor | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_strength(self.strength)
+
+    def image_size(self, model: Model, options: GenerationOptions) -> tuple[int, int]:
+        self.init = prepare_image(
+            self.image, options.width, options.height, model.spec.vae.downsampling_factor
+        )
+        height, width = self.init.tensor.shape[-2:]
+        self.repaint = prepare_mask(self.mask, width, height, self.init.source_size)
+        self.channels = model.spec.unet.in_channels > model.spec.vae.embed_dim
+        return height, width
+
+    def settings(self) -> dict[str, Any]:
+        return {"Denoising strength": self.strength}
+
+    def schedule(self, sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+        return strength_sigmas(sigmas, steps, self.strength)
+
+    def prepare(self, run: Run) -> None:
+        self.mask_latent = latent_mask(self.repaint, run.shape[-2:]).to(run.device)
+        from_noise = self.strength == 1.0
+        self.latent = None if self.channels and from_noise else run.encode(self.init.tensor)
+
+    def denoise(self, run: Run, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.channels and self.extra is None:  # encoded after the first starting noise, as diffusers
+            masked = run.encode(masked_images(self.init.tensor, self.repaint))
+            self.extra = {"c_concat": torch.cat([self.mask_latent, masked], dim=1)}
+        blend = None if self.channels else LatentBlend(_required(self.latent), self.mask_latent >= 0.5, unit)
+        if len(run.sigmas) == 1:
+            x = _required(self.latent).expand(run.shape).clone()
+        elif self.strength == 1.0:
+            x = run.sample(
+                unit * run.options.sampler_info.initial_sigma(run.sigmas), extra=self.extra, hook=blend
+            )
+        else:
+            x = run.sample(noised(_required(self.latent), run, unit), extra=self.extra, hook=blend)
+        x = x if blend is None else blend.finish(x)
+        return x, run.decode(x)
+
+    def finish(self, result: Generation) -> Generation:
+        if self.paste_back and result.images is not None:
+            result.images = paste_kept_pixels(result.images, self.init, self.repaint >= 0.5)
+        return result
+
+
 def inpaint(
-    model: StableDiffusion,
-    prompt: str | Sequence[str],
+    model: Model,
+    prompt: Prompt,
     image: InitImage,
     mask: MaskImage,
-    negative_prompt: str | Sequence[str] = "",
+    negative_prompt: Prompt = "",
     *,
     strength: float = 1.0,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    width: int | None = None,
-    height: int | None = None,
-    sampler: str = "ddim",
-    seed: int | None = None,
-    n_samples: int = 1,
-    n_iter: int = 1,
-    eta: float | None = None,
-    karras: bool = False,
-    weighting: bool = True,
-    callback: Callback | None = None,
-    output_type: str = "pil",
-    precision: str | None = None,
-    noise: torch.Tensor | None = None,
-    fixed_code: bool = False,
-    generator: torch.Generator | None = None,
     paste_back: bool = False,
-    progress: bool = True,
+    **options: Unpack[OptionFields],
 ) -> Generation:
     """Repaint the white part of ``mask`` in ``image`` after ``prompt``; the black part is kept.
 
@@ -119,122 +150,11 @@ def inpaint(
         strength: how much of the masked region is redrawn; 1 (the default) starts from pure noise,
             below 1 the last ``int(strength * steps)`` steps run from the noised init image as in img2img.
         paste_back: copy the kept pixels of the init image exactly into the output images.
-        The other options are :func:`openldm.pipelines.txt2img.txt2img`'s; ``noise`` is the unit
-        starting noise [batch, 4, H/8, W/8] (also the noise of the blended kept region).
+        The other options are :class:`~openldm.pipelines.options.GenerationOptions`'; ``noise`` is the
+        unit starting noise [batch, 4, H/8, W/8] (also the noise of the blended kept region).
     """
-    info = check_options(
-        model,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        sampler=sampler,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        output_type=output_type,
-        precision=precision,
-        variants=INPAINT_VARIANTS,
-        needs="inpainting needs an inpainting model or a text-to-image model "
-        f"({', '.join(INPAINT_VARIANTS)})",
-    )
-    check_weights_precision(model, precision)
-    check_strength(strength)
-    init = prepare_image(image, width, height, size_multiple(model))
-    height, width = init.tensor.shape[-2:]
-    check_request_memory(
-        model,
-        images=prompt_count(prompt) * n_samples,
-        repeats=n_iter,
-        width=width,
-        height=height,
-        guidance_scale=guidance_scale,
-        precision=precision,
-        output_type=output_type,
-        encode=True,
-    )
-    repaint = prepare_mask(mask, width, height, init.source_size)
-    prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
-    options = sampler_options(sampler, info, eta)
-    seed, generator = make_generator(seed, generator)
-    device = device_of(model.unet)
-    factor = model.spec.vae.downsampling_factor
-    shape = (len(prompts), model.spec.vae.embed_dim, height // factor, width // factor)
-    if noise is not None and tuple(noise.shape) != shape:
-        raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
-    concat_channels = model.spec.unet.in_channels > model.spec.vae.embed_dim
-    sigmas = strength_sigmas(sampling_sigmas(model, info, steps, karras), steps, strength)
-    from_noise = strength == 1.0
-    run = run_settings(
-        model,
-        info,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        width=width,
-        height=height,
-        karras=karras,
-        eta=options.get("eta"),
-        extra={"Denoising strength": strength},
-    )
-
-    with torch.inference_mode():
-        # 1. Encode the prompts.
-        with autocast(device, precision):
-            cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
-        # 2. The init image's latent (noised for strength < 1, blended for 4-channel models).
-        mask_latent = latent_mask(repaint, shape[-2:]).to(device)
-        z = None
-        if not (concat_channels and from_noise):
-            z = encode_images(model, precision, init.tensor, generator)
-        if noise is None and fixed_code:
-            noise = draw_noise(generator, shape, device)
-        first = unit_noise(generator, shape, device, noise)
-        # 3. The 9-channel models' extra channels: [mask, latent of the masked image].
-        extra = None
-        if concat_channels:
-            masked = encode_images(model, precision, masked_images(init.tensor, repaint), generator)
-            extra = {"c_concat": torch.cat([mask_latent, masked], dim=1)}
-        bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "inpaint")
-        sample = Sampling(
-            model,
-            info,
-            sigmas,
-            cond,
-            uncond,
-            guidance_scale,
-            generator,
-            options,
-            precision,
-            callback,
-            bar,
-            extra,
-        )
-
-        def sample_one(iteration: int) -> torch.Tensor:
-            unit = first if iteration == 0 or noise is not None else draw_noise(generator, shape, device)
-            blend = None if concat_channels else LatentBlend(_required(z), mask_latent >= 0.5, unit)
-            # 4. Sample from pure noise (strength 1) or from the noised init latent (5. decode).
-            if len(sigmas) == 1:
-                x = _required(z).expand(shape).clone()
-            elif from_noise:
-                x = sample(unit * info.initial_sigma(sigmas), blend)
-            else:
-                x = sample(_required(z) + float(sigmas[0]) * unit, blend)
-            return x if blend is None else blend.finish(x)
-
-        result = run_repeats(
-            model,
-            n_iter,
-            sample_one,
-            prompts=prompts,
-            negatives=negatives,
-            run=run,
-            seed=seed,
-            output_type=output_type,
-            precision=precision,
-        )
-        bar.close()
-    if paste_back and result.images is not None:
-        result.images = paste_kept_pixels(result.images, init, repaint >= 0.5)
-    return result
+    task = Inpaint(image, mask, strength, paste_back)
+    return generate(model, task, build_options(prompt, negative_prompt, options))
 
 
 # --- checks and inputs -------------------------------------------------------------------------

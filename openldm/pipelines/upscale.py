@@ -35,11 +35,9 @@ one tile plus the float32 output canvas.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,37 +45,21 @@ import torch
 from PIL import Image
 
 from openldm.images import load_image, pil_to_tensor
-from openldm.pipelines.common import (
-    Callback,
-    Generation,
-    Sampling,
-    autocast,
-    batch_prompts,
-    check_options,
-    check_request_memory,
-    check_weights_precision,
-    conditioning,
-    decode,
-    device_of,
-    draw_noise,
-    finish,
-    image_settings,
-    make_generator,
-    progress_bar,
-    prompt_count,
-    run_settings,
-    sampler_options,
-    sampling_sigmas,
-    unit_noise,
-)
+from openldm.pipelines.common import Generation, Model
+from openldm.pipelines.options import GenerationOptions, Prompt, build_options
+from openldm.pipelines.run import Run, Task, generate
 from openldm.pipelines.tiles import Blender, Tile, tiles
 
 if TYPE_CHECKING:
-    from openldm.checkpoints.load import StableDiffusion
+    from typing_extensions import Unpack
+
+    from openldm.pipelines.options import OptionFields
 
 LowResImage = Image.Image | str | os.PathLike[str] | torch.Tensor
 
 VARIANT = "x4-upscaler"
+# diffusers' StableDiffusionUpscalePipeline defaults.
+DEFAULTS: dict[str, Any] = {"steps": 75, "guidance_scale": 9.0}
 MIN_SIDE = 8  # low-res pixels; the UNet's deepest level needs a few latent pixels
 MIN_TILE = 16
 # The reference's x4-upscaling.yaml: low_scale_config.params.
@@ -159,7 +141,7 @@ def _folder_schedule(folder: Path) -> LowResSchedule | None:
     return LowResSchedule(_checked(alphas_cumprod, str(path)), max_level, str(path))
 
 
-def low_res_schedule(model: StableDiffusion) -> LowResSchedule:
+def low_res_schedule(model: Model) -> LowResSchedule:
     """The low-res augmentation schedule of ``model`` (see the module docstring for the order)."""
     buffers = model.extras.get("low_scale_model", {})
     config = model.extras.get("low_scale_config", {})  # a reference yaml's, given to load()
@@ -238,38 +220,100 @@ def prepare_low_res(image: LowResImage) -> torch.Tensor:
     return tensor
 
 
-# --- sampling ----------------------------------------------------------------------------------
+# --- the pipeline ------------------------------------------------------------------------------
 
 
 def _crop(x: torch.Tensor, tile: Tile) -> torch.Tensor:
     return x[..., tile.top : tile.top + tile.height, tile.left : tile.left + tile.width]
 
 
+@dataclass
+class Upscale(Task):
+    """The latent at the low-res image's size, with the noised image as extra channels and its noise
+    level as the class label; sampled and decoded tile by tile (one tile: the whole image)."""
+
+    image: LowResImage
+    noise_level: int = 20
+    tile: int | None = None
+    tile_overlap: int | None = None
+    image_noise: torch.Tensor | None = None
+    name = "upscale"
+    variants = (VARIANT,)
+    needs = "upscale needs an x4 upscaler checkpoint"
+    low_res: torch.Tensor = field(init=False, repr=False)
+    pieces: list[Tile] = field(init=False, repr=False)
+    noised: torch.Tensor = field(init=False, repr=False)
+    augmentation: LowResSchedule = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.tile, self.tile_overlap = check_tiling(self.tile, self.tile_overlap)
+
+    def image_size(self, model: Model, options: GenerationOptions) -> tuple[int, int]:
+        if options.width is not None or options.height is not None:
+            raise ValueError("upscale's output is 4x the image's size; it takes no width or height")
+        self.augmentation = low_res_schedule(model)
+        classes = model.spec.unet.num_classes
+        check_noise_level(self.noise_level, self.augmentation, classes if isinstance(classes, int) else 0)
+        self.low_res = prepare_low_res(self.image)
+        height, width = (int(side) for side in self.low_res.shape[-2:])
+        if self.image_noise is not None and tuple(self.image_noise.shape) != (1, 3, height, width):
+            raise ValueError(
+                f"image_noise must have shape {[1, 3, height, width]}, got {list(self.image_noise.shape)}"
+            )
+        self.pieces = tiles(height, width, self.tile or max(height, width), self.tile_overlap or 0)
+        factor = model.spec.vae.downsampling_factor
+        return height * factor, width * factor
+
+    def tile_latent(self, size: tuple[int, int]) -> tuple[int, int] | None:
+        if self.tile is None:
+            return None
+        height, width = self.low_res.shape[-2:]
+        return min(self.tile, int(height)), min(self.tile, int(width))
+
+    def settings(self) -> dict[str, Any]:
+        tiled = self.tile is not None
+        return {
+            "Noise level": self.noise_level,
+            "Tile size": self.tile,
+            "Tile overlap": self.tile_overlap if tiled else None,
+        }
+
+    def passes(self, run: Run) -> int:
+        return len(self.pieces)
+
+    def before_noise(self, run: Run, iteration: int) -> None:
+        # The low-res image's noise is drawn before the starting latents (diffusers' order).
+        augment = self.image_noise if self.image_noise is not None else run.draw((1, *self.low_res.shape[1:]))
+        self.noised = self.augmentation.add_noise(
+            self.low_res.to(run.device), augment.to(run.device), self.noise_level
+        )
+
+    def denoise(self, run: Run, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        factor = run.model.spec.vae.downsampling_factor
+        latents = Blender(run.shape, self.pieces, 1, run.device)
+        pixels = Blender((run.batch, 3, *run.size), self.pieces, factor, run.device)
+        label = torch.tensor([self.noise_level], dtype=torch.long)
+        start = unit * run.options.sampler_info.initial_sigma(run.sigmas)
+        for piece in self.pieces:
+            x = run.sample(_crop(start, piece), extra={"c_concat": _crop(self.noised, piece), "y": label})
+            latents.add(piece, x)
+            decoded = run.decode(x)
+            if decoded is not None:
+                pixels.add(piece, decoded)
+        return latents.result(), pixels.result() if run.options.output_type != "latent" else None
+
+
 def upscale(
-    model: StableDiffusion,
-    prompt: str | Sequence[str],
+    model: Model,
+    prompt: Prompt,
     image: LowResImage,
-    negative_prompt: str | Sequence[str] = "",
+    negative_prompt: Prompt = "",
     *,
     noise_level: int = 20,
-    steps: int = 75,
-    guidance_scale: float = 9.0,
-    sampler: str = "ddim",
-    seed: int | None = None,
-    n_samples: int = 1,
-    n_iter: int = 1,
-    eta: float | None = None,
-    karras: bool = False,
-    weighting: bool = True,
     tile: int | None = None,
     tile_overlap: int | None = None,
-    callback: Callback | None = None,
-    output_type: str = "pil",
-    precision: str | None = None,
-    noise: torch.Tensor | None = None,
     image_noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    progress: bool = True,
+    **options: Unpack[OptionFields],
 ) -> Generation:
     """Upscale ``image`` four times (per side) with the x4 upscaler, guided by ``prompt``.
 
@@ -278,108 +322,18 @@ def upscale(
             least 8 pixels a side (the output is exactly 4x; no resizing or padding).
         noise_level: how much noise the low-res image gets before conditioning, 0 to the model's
             ``max_noise_level`` (350); 20 by default, as the reference and diffusers.
-        steps, guidance_scale, sampler, seed, n_samples, n_iter, eta, karras, weighting, callback,
-            output_type, precision, generator, progress: as :func:`openldm.pipelines.txt2img.txt2img`
-            (defaults 75 steps and scale 9, diffusers' for this model). ``Generation.latents`` are at
-            the low-res size (blended across tiles when tiled).
         tile: process the image in overlapping tiles of ``tile`` x ``tile`` low-res pixels (>= 16);
             None: all at once. See the module docstring for the memory/quality trade-off.
         tile_overlap: low-res pixels neighbouring tiles share, 0 to ``tile / 2`` (default
             ``min(32, tile // 4)``).
-        noise: the starting latents [batch, 4, h, w] at unit variance, for every repeat (instead of
-            drawing them); ``image_noise``: the low-res augmentation noise [1, 3, h, w].
+        image_noise: the low-res augmentation noise [1, 3, h, w] (instead of drawing it).
+        The other options are :class:`~openldm.pipelines.options.GenerationOptions`' (defaults 75 steps
+        and scale 9, diffusers' for this model; no width or height). ``Generation.latents`` are at the
+        low-res size (blended across tiles when tiled); ``noise`` is the starting latents [batch, 4, h, w].
     """
-    info = check_options(
-        model,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        sampler=sampler,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        output_type=output_type,
-        precision=precision,
-        variants=(VARIANT,),
-        needs="upscale needs an x4 upscaler checkpoint",
-    )
-    check_weights_precision(model, precision)
-    schedule = low_res_schedule(model)
-    classes = model.spec.unet.num_classes
-    check_noise_level(noise_level, schedule, classes if isinstance(classes, int) else 0)
-    tile, overlap = check_tiling(tile, tile_overlap)
-    low_res = prepare_low_res(image)
-    height, width = low_res.shape[-2:]
-    factor = model.spec.vae.downsampling_factor
-    piece = (min(tile or height, height), min(tile or width, width))
-    check_request_memory(
-        model,
-        images=prompt_count(prompt) * n_samples,
-        repeats=n_iter,
-        width=width * factor,
-        height=height * factor,
-        guidance_scale=guidance_scale,
-        precision=precision,
-        output_type=output_type,
-        latent=piece,
-        piece=(piece[0] * factor, piece[1] * factor),
-    )
-    prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
-    options = sampler_options(sampler, info, eta)
-    seed, generator = make_generator(seed, generator)
-    device = device_of(model.unet)
-    shape = (len(prompts), model.spec.vae.embed_dim, height, width)
-    for name, given, wanted in (("noise", noise, shape), ("image_noise", image_noise, (1, 3, height, width))):
-        if given is not None and tuple(given.shape) != wanted:
-            raise ValueError(f"{name} must have shape {list(wanted)}, got {list(given.shape)}")
-    sigmas = sampling_sigmas(model, info, steps, karras)
-    pieces = tiles(height, width, tile or max(height, width), overlap)
-    run = run_settings(
-        model,
-        info,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        width=width * factor,
-        height=height * factor,
-        karras=karras,
-        eta=options.get("eta"),
-        extra={
-            "Noise level": noise_level,
-            "Tile size": tile,
-            "Tile overlap": overlap if tile is not None else None,
-        },
-    )
+    task = Upscale(image, noise_level, tile, tile_overlap, image_noise)
+    return generate(model, task, build_options(prompt, negative_prompt, options, DEFAULTS))
 
-    with torch.inference_mode():
-        with autocast(device, precision):
-            cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
-        bar = progress_bar(n_iter * len(pieces) * (len(sigmas) - 1), progress, "upscale")
-        label = torch.tensor([noise_level], dtype=torch.long)
-        sample = Sampling(
-            model, info, sigmas, cond, uncond, guidance_scale, generator, options, precision, callback, bar
-        )
-        latents, images, settings = [], [], []
-        for iteration in range(n_iter):
-            # 1. Noise the low-res image, then draw the starting latents (diffusers' order).
-            augment = (
-                draw_noise(generator, (1, 3, height, width), device) if image_noise is None else image_noise
-            )
-            noised = schedule.add_noise(low_res.to(device), augment.to(device), noise_level)
-            start = unit_noise(generator, shape, device, noise)
-            # 2. Sample and decode tile by tile (one tile: the whole image), blending the overlaps.
-            latent_blend = Blender(shape, pieces, 1, device)
-            pixel_blend = Blender((len(prompts), 3, height * factor, width * factor), pieces, factor, device)
-            for piece in pieces:
-                crop = dataclasses.replace(sample, extra_cond={"c_concat": _crop(noised, piece), "y": label})
-                x = crop(_crop(start, piece) * info.initial_sigma(sigmas))
-                latent_blend.add(piece, x)
-                if output_type != "latent":
-                    pixel_blend.add(piece, decode(model, x, precision))
-            latents.append(latent_blend.result())
-            if output_type != "latent":
-                images.append(pixel_blend.result())
-            settings += image_settings(run, len(prompts), n_iter, iteration)
-        bar.close()
-    decoded = torch.cat(images) if images else None
-    return finish(
-        decoded, torch.cat(latents), prompts * n_iter, negatives * n_iter, settings, seed, output_type
-    )
+
+def _crop(x: torch.Tensor, tile: Tile) -> torch.Tensor:
+    return x[..., tile.top : tile.top + tile.height, tile.left : tile.left + tile.width]

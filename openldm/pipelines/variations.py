@@ -11,73 +11,86 @@ reference's unCLIP script and diffusers both use zeros).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from openldm.images import load_image
-from openldm.pipelines.common import (
-    Callback,
-    Generation,
-    Sampling,
-    autocast,
-    batch_prompts,
-    check_options,
-    check_request_memory,
-    check_size,
-    check_weights_precision,
-    conditioning,
-    device_of,
-    draw_noise,
-    make_generator,
-    progress_bar,
-    prompt_count,
-    run_repeats,
-    run_settings,
-    sampler_options,
-    sampling_sigmas,
-    size_multiple,
-    unit_noise,
-)
+from openldm.pipelines.common import Generation, Model, autocast
 from openldm.pipelines.image_embedding import ImageEmbedder, image_embedder
+from openldm.pipelines.options import GenerationOptions, Prompt, build_options
+from openldm.pipelines.run import Run, Task, generate
 
 if TYPE_CHECKING:
-    from openldm.checkpoints.load import StableDiffusion
+    from typing_extensions import Unpack
+
+    from openldm.pipelines.options import OptionFields
 
 ImageInput = Image.Image | str | os.PathLike[str]
+# diffusers' StableUnCLIPImg2ImgPipeline defaults.
+DEFAULTS: dict[str, Any] = {"steps": 20, "guidance_scale": 10.0}
+
+
+@dataclass
+class Variations(Task):
+    """Text to image with the image's noised CLIP embedding as the UNet's class vector ``y``."""
+
+    image: ImageInput | None
+    noise_level: int = 0
+    image_embeds: torch.Tensor | None = None
+    embedding_noise: torch.Tensor | None = None
+    embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    embedder: ImageEmbedder | None = None
+    name = "variations"
+    variants = ("unclip",)
+    needs = "image variations need an unCLIP model"
+    picture: Image.Image | None = field(init=False, default=None, repr=False)
+    y: torch.Tensor = field(init=False, repr=False)
+
+    def image_size(self, model: Model, options: GenerationOptions) -> tuple[int, int]:
+        if self.embedder is None:
+            self.embedder = image_embedder(model, self.embedding_stats)
+        self.embedder.check_level(self.noise_level)
+        self.picture = _image(self.image) if self.image_embeds is None else None
+        for name, given in (("image_embeds", self.image_embeds), ("embedding_noise", self.embedding_noise)):
+            if given is not None and tuple(given.shape) != (1, self.embedder.dim):
+                raise ValueError(f"{name} must have shape {[1, self.embedder.dim]}, got {list(given.shape)}")
+        return super().image_size(model, options)
+
+    def settings(self) -> dict[str, Any]:
+        return {"Noise level": self.noise_level}
+
+    def prepare(self, run: Run) -> None:
+        embedder = _required(self.embedder)
+        with autocast(run.device, run.options.precision):
+            embeds = (
+                embedder.embed(self.picture) if self.picture is not None else _required(self.image_embeds)
+            )
+        noise = self.embedding_noise if self.embedding_noise is not None else run.draw((1, embedder.dim))
+        embeds = embeds.float().to(run.device)
+        self.y = embedder.condition(embeds, self.noise_level, noise).expand(run.batch, -1)
+
+    def denoise(self, run: Run, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The unconditional branch sees y = 0, as the reference's unCLIP script and diffusers.
+        start = unit * run.options.sampler_info.initial_sigma(run.sigmas)
+        x = run.sample(start, extra={"y": self.y}, extra_uncond={"y": torch.zeros_like(self.y)})
+        return x, run.decode(x)
 
 
 def variations(
-    model: StableDiffusion,
+    model: Model,
     image: ImageInput | None,
-    prompt: str | Sequence[str] = "",
-    negative_prompt: str | Sequence[str] = "",
+    prompt: Prompt = "",
+    negative_prompt: Prompt = "",
     *,
     noise_level: int = 0,
-    steps: int = 20,
-    guidance_scale: float = 10.0,
-    width: int | None = None,
-    height: int | None = None,
-    sampler: str = "ddim",
-    seed: int | None = None,
-    n_samples: int = 1,
-    n_iter: int = 1,
-    eta: float | None = None,
-    karras: bool = False,
-    weighting: bool = True,
-    callback: Callback | None = None,
-    output_type: str = "pil",
-    precision: str | None = None,
-    noise: torch.Tensor | None = None,
-    fixed_code: bool = False,
-    generator: torch.Generator | None = None,
-    progress: bool = True,
     image_embeds: torch.Tensor | None = None,
     embedding_noise: torch.Tensor | None = None,
     embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     embedder: ImageEmbedder | None = None,
+    **options: Unpack[OptionFields],
 ) -> Generation:
     """Variations of ``image``, optionally steered by ``prompt``.
 
@@ -89,110 +102,17 @@ def variations(
         embedding_stats: (mean, std) of the embeddings, for a CLIP-L single file without them.
         embedder: a prebuilt :func:`~openldm.pipelines.image_embedding.image_embedder` (saves rebuilding it).
 
-    The other options are :func:`openldm.pipelines.txt2img.txt2img`'s; the defaults (20 steps, guidance
-    10, DDIM) are diffusers'.
+    The other options are :class:`~openldm.pipelines.options.GenerationOptions`'; the defaults (20 steps,
+    guidance 10, DDIM) are diffusers'.
     """
-    info = check_options(
-        model,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        sampler=sampler,
-        n_samples=n_samples,
-        n_iter=n_iter,
-        output_type=output_type,
-        precision=precision,
-        variants=("unclip",),
-        needs="image variations need an unCLIP model",
-    )
-    check_weights_precision(model, precision)
-    embedder = embedder if embedder is not None else image_embedder(model, embedding_stats)
-    embedder.check_level(noise_level)
-    picture = _image(image) if image_embeds is None else None
-    width = width if width is not None else model.spec.image_size
-    height = height if height is not None else model.spec.image_size
-    factor = model.spec.vae.downsampling_factor
-    check_size(width, height, size_multiple(model))
-    check_request_memory(
-        model,
-        images=prompt_count(prompt) * n_samples,
-        repeats=n_iter,
-        width=width,
-        height=height,
-        guidance_scale=guidance_scale,
-        precision=precision,
-        output_type=output_type,
-    )
-    prompts, negatives = batch_prompts(prompt, negative_prompt, n_samples)
-    options = sampler_options(sampler, info, eta)
-    seed, generator = make_generator(seed, generator)
-    device = device_of(model.unet)
-    shape = (len(prompts), model.spec.vae.embed_dim, height // factor, width // factor)
-    for name, given, wanted in (
-        ("noise", noise, shape),
-        ("image_embeds", image_embeds, (1, embedder.dim)),
-        ("embedding_noise", embedding_noise, (1, embedder.dim)),
-    ):
-        if given is not None and tuple(given.shape) != wanted:
-            raise ValueError(f"{name} must have shape {list(wanted)}, got {list(given.shape)}")
-    sigmas = sampling_sigmas(model, info, steps, karras)
-    run = run_settings(
-        model,
-        info,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        width=width,
-        height=height,
-        karras=karras,
-        eta=options.get("eta"),
-        extra={"Noise level": noise_level},
-    )
+    task = Variations(image, noise_level, image_embeds, embedding_noise, embedding_stats, embedder)
+    return generate(model, task, build_options(prompt, negative_prompt, options, DEFAULTS))
 
-    with torch.inference_mode():
-        # 1. Encode the prompts and the image; noise the image embedding.
-        with autocast(device, precision):
-            cond, uncond = conditioning(model, prompts, negatives, guidance_scale, weighting)
-            embeds = embedder.embed(picture) if picture is not None else image_embeds.float().to(device)
-        if embedding_noise is None:
-            embedding_noise = draw_noise(generator, (1, embedder.dim), device)
-        y = embedder.condition(embeds.to(device), noise_level, embedding_noise).expand(len(prompts), -1)
-        bar = progress_bar(n_iter * (len(sigmas) - 1), progress, "variations")
-        # The unconditional branch sees y = 0, as the reference's unCLIP script and diffusers.
-        sample = Sampling(
-            model,
-            info,
-            sigmas,
-            cond,
-            uncond,
-            guidance_scale,
-            generator,
-            options,
-            precision,
-            callback,
-            bar,
-            extra_cond={"y": y},
-            extra_uncond={"y": torch.zeros_like(y)},
-        )
-        if noise is None and fixed_code:
-            noise = draw_noise(generator, shape, device)
 
-        def sample_one(iteration: int) -> torch.Tensor:
-            # 2. The starting noise, scaled to the sampler's first sigma; 3. sample (4. decode).
-            return sample(unit_noise(generator, shape, device, noise) * info.initial_sigma(sigmas))
-
-        result = run_repeats(
-            model,
-            n_iter,
-            sample_one,
-            prompts=prompts,
-            negatives=negatives,
-            run=run,
-            seed=seed,
-            output_type=output_type,
-            precision=precision,
-        )
-        bar.close()
-    return result
+def _required(value: Any) -> Any:
+    if value is None:  # the task's image_size step set it
+        raise RuntimeError("the image embedder was not prepared")
+    return value
 
 
 def _image(image: ImageInput | None) -> Image.Image:

@@ -10,6 +10,7 @@ every device.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -267,6 +268,11 @@ class SamplerInfo:
     stochastic: bool = False
     ddpm_final: bool = False
     schedule_fn: Callable[[NoiseSchedule, int, Spacing, bool], torch.Tensor] | None = None
+
+    @property
+    def has_eta(self) -> bool:
+        """Whether the sampler takes an ``eta`` (DDIM's, the ancestral samplers' noise amount)."""
+        return "eta" in inspect.signature(self.fn).parameters
 
     def sigmas(
         self, schedule: NoiseSchedule, steps: int, spacing: Spacing | None = None, karras: bool = False

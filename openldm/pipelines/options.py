@@ -1,0 +1,217 @@
+"""What every generation shares, in one frozen object validated once, when it is built.
+
+The Python API (``model.txt2img(prompt, steps=25, ...)``), the command line and the server all build a
+:class:`GenerationOptions`; the pipelines read it and check only what depends on the model (its
+variant, its size multiple, its schedule's length, the memory a request needs). What is a pipeline's own
+(an init image, a strength, a mask) is not here: each pipeline takes it beside the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+import torch
+
+from openldm.sampling.samplers import SAMPLERS, SamplerInfo
+
+Precision = Literal["fp32", "fp16", "bf16"]
+OutputType = Literal["pil", "np", "pt", "latent"]
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
+Prompt = str | Sequence[str]
+# ``callback(step, total, x, x0)`` after every sampler step (``x`` in sigma space, ``x0`` its denoised).
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+SEED_LIMIT = 2**64
+
+
+class OptionError(ValueError):
+    """A generation option out of its range; ``field`` names it, so that the command line can say
+    which of its flags was wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The options of one generation call (every pipeline's; the defaults are txt2img's).
+
+    ``prompt``: one prompt or several (each gets ``n_samples`` images in a row); ``negative_prompt``: one
+    for all or one per prompt; both are kept as tuples. ``width``/``height`` (pixels, None: the model's
+    or the init image's size). ``sampler``: a name of :data:`~openldm.sampling.samplers.SAMPLERS` with
+    its ``eta`` (None: the sampler's default) and ``karras`` spacing. ``seed`` (None: random) seeds the CPU
+    generator that draws all the noise, unless ``generator`` is given. ``noise``: the unit starting noise
+    for every repeat; ``fixed_code``: draw it once and reuse it. ``weighting``: read ``(word:1.3)`` as
+    weights. ``precision``: None runs the weights as loaded, fp16/bf16 autocast. ``output_type``: PIL
+    images, arrays or tensors in [0, 1], or "latent" (no decoding). ``callback`` runs after every step;
+    ``progress`` shows a bar.
+    """
+
+    prompt: Prompt
+    negative_prompt: Prompt = ""
+    steps: int = 50
+    guidance_scale: float = 7.5
+    width: int | None = None
+    height: int | None = None
+    sampler: str = "ddim"
+    eta: float | None = None
+    karras: bool = False
+    seed: int | None = None
+    n_samples: int = 1
+    n_iter: int = 1
+    noise: torch.Tensor | None = None
+    fixed_code: bool = False
+    generator: torch.Generator | None = None
+    weighting: bool = True
+    precision: Precision | None = None
+    output_type: OutputType = "pil"
+    callback: Callback | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        prompts = _prompts("prompt", self.prompt)
+        object.__setattr__(self, "prompt", prompts)
+        object.__setattr__(self, "negative_prompt", _negatives(self.negative_prompt, len(prompts)))
+        for name in ("steps", "n_samples", "n_iter"):
+            _whole(name, getattr(self, name), low=1)
+        for name in ("width", "height"):  # their range depends on the model (multiples of its VAE factor)
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise OptionError(name, f"{name} must be a whole number of pixels, got {value!r}")
+        if not _number(self.guidance_scale) or self.guidance_scale < 0:
+            raise OptionError(
+                "guidance_scale",
+                "guidance scale must be a finite number >= 0 (1 turns guidance off), "
+                f"got {self.guidance_scale!r}",
+            )
+        if self.sampler not in SAMPLERS:
+            raise OptionError(
+                "sampler", f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}"
+            )
+        self._check_eta()
+        if self.seed is not None:
+            _whole("seed", self.seed, low=0, high=SEED_LIMIT)
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise OptionError(
+                "precision",
+                f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)} or None",
+            )
+        if self.output_type not in OUTPUT_TYPES:
+            raise OptionError(
+                "output_type",
+                f"unknown output_type {self.output_type!r}; use one of {', '.join(OUTPUT_TYPES)}",
+            )
+        if self.noise is not None and not isinstance(self.noise, torch.Tensor):
+            raise OptionError("noise", f"noise must be a tensor, got {type(self.noise).__name__}")
+
+    def _check_eta(self) -> None:
+        if self.eta is None:
+            return
+        if not _number(self.eta) or self.eta < 0:
+            raise OptionError("eta", f"eta must be a finite number >= 0, got {self.eta!r}")
+        if self.eta != 0 and not self.sampler_info.has_eta:
+            with_eta = ", ".join(name for name, info in SAMPLERS.items() if info.has_eta)
+            raise OptionError(
+                "eta", f"eta must be 0 for the {self.sampler} sampler: only {with_eta} have an eta"
+            )
+
+    @property
+    def sampler_info(self) -> SamplerInfo:
+        return SAMPLERS[self.sampler]
+
+    @property
+    def sampler_options(self) -> dict[str, float]:
+        """The sampler's keyword options: ``eta`` when given and the sampler has one."""
+        return {"eta": float(self.eta)} if self.eta is not None and self.sampler_info.has_eta else {}
+
+    @property
+    def images_per_repeat(self) -> int:
+        return len(self.prompt) * self.n_samples
+
+    def batch(self) -> tuple[list[str], list[str]]:
+        """The prompt and negative prompt of every image of a repeat: each prompt ``n_samples`` times."""
+        repeat = range(self.n_samples)
+        return [p for p in self.prompt for _ in repeat], [p for p in self.negative_prompt for _ in repeat]
+
+    def replace(self, **changes: Any) -> GenerationOptions:
+        return dataclasses.replace(self, **changes)
+
+
+class OptionFields(TypedDict, total=False):
+    """:class:`GenerationOptions`' fields but the prompts, as keyword arguments (``**options``)."""
+
+    steps: int
+    guidance_scale: float
+    width: int | None
+    height: int | None
+    sampler: str
+    eta: float | None
+    karras: bool
+    seed: int | None
+    n_samples: int
+    n_iter: int
+    noise: torch.Tensor | None
+    fixed_code: bool
+    generator: torch.Generator | None
+    weighting: bool
+    precision: Precision | None
+    output_type: OutputType
+    callback: Callback | None
+    progress: bool
+
+
+def build_options(
+    prompt: Prompt,
+    negative_prompt: Prompt,
+    fields: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+) -> GenerationOptions:
+    """:class:`GenerationOptions` from keyword arguments over a pipeline's own ``defaults``; an unknown
+    keyword is a ``TypeError`` naming it, as for any function."""
+    unknown = sorted(set(fields) - set(OptionFields.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    return GenerationOptions(prompt, negative_prompt, **{**(defaults or {}), **fields})
+
+
+def _prompts(name: str, value: Any) -> tuple[str, ...]:
+    prompts = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list | tuple) else ()
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise OptionError(name, f"{name} must be a string or a non-empty list of strings")
+    return prompts
+
+
+def _negatives(value: Any, count: int) -> tuple[str, ...]:
+    negatives = (
+        (value,) * count
+        if isinstance(value, str)
+        else tuple(value)
+        if isinstance(value, list | tuple)
+        else ()
+    )
+    if len(negatives) != count or not all(isinstance(p, str) for p in negatives):
+        raise OptionError(
+            "negative_prompt",
+            f"negative_prompt must be a string or a list of {count} strings (one per prompt), got {value!r}",
+        )
+    return negatives
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(name: str, value: Any, *, low: int, high: int | None = None) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value >= high)
+    ):
+        limit = f"in [{low}, 2**64)" if high == SEED_LIMIT else f">= {low}"
+        raise OptionError(name, f"{name} must be a whole number {limit}, got {value!r}")
