@@ -67,6 +67,10 @@ what the caption asked for:
 whose colour-kind pair (red triangle, yellow circle, green rectangle, blue square, pink triangle) never
 occurs in training captions: they measure compositional generalisation.
 
+Then three hard cases the sets above do not isolate, --n images each (--no-cases skips them): one shape
+whose cell the prompt leaves open, three of a kind, and a held-out pair beside another shape placed by a
+relation; each scored on the shapes found and on images holding exactly the asked shapes.
+
 Targets of the embedded model at 25 steps and guidance 7.5 (DDIM): seen colour >= 90, kind >= 85,
 position >= 80, count >= 80; held-out colour >= 80, kind >= 80 (percent). --ground-truth scores the
 renderer's own images of the same scenes: it checks the evaluator and gives 100 everywhere.
