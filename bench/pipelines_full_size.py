@@ -163,7 +163,7 @@ def embedding_parts(spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _ours_model(spec: ModelSpec, weights: tuple[peers.StateDict, ...]) -> Any:
-    from openldm.checkpoints.load import StableDiffusion
+    from openldm.model import StableDiffusion
     from openldm.nn.clip import CLIPTextEncoder
     from openldm.nn.unet import UNetModel
     from openldm.nn.vae import AutoencoderKL

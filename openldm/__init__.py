@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from openldm.config import PRESETS, ModelSpec, preset
 
 if TYPE_CHECKING:
-    from openldm.checkpoints.load import StableDiffusion
+    from openldm.model import StableDiffusion
 
 __all__ = ["PRESETS", "ModelSpec", "StableDiffusion", "describe", "load", "preset"]
 __version__ = "0.1.0"
@@ -22,19 +22,24 @@ def load(path_or_id: str | os.PathLike[str] | None = None, **options: Any) -> St
 
     With no argument, the embedded default model shipped with the package: a small SD 1 model trained
     on procedural shapes that draws small images (``openldm.load().txt2img("a red circle on a blue
-    background")``); see :mod:`openldm.embedded`. See :func:`openldm.checkpoints.load.load` for the options.
+    background")``); see :mod:`openldm.embedded`. See :func:`openldm.model.load`.
     """
-    if path_or_id is None:
-        from openldm.embedded import load_embedded
-
-        return load_embedded(**options)
-    from openldm.checkpoints.load import load as _load
+    from openldm.model import load as _load
 
     return _load(path_or_id, **options)
 
 
 def describe(model: StableDiffusion) -> str:
     """A short human-readable description of a loaded model."""
-    from openldm.checkpoints.load import describe as _describe
+    from openldm.model import describe as _describe
 
     return _describe(model)
+
+
+def __getattr__(name: str) -> Any:
+    """``openldm.StableDiffusion``, imported when first asked for (the package's import stays cheap)."""
+    if name == "StableDiffusion":
+        from openldm.model import StableDiffusion
+
+        return StableDiffusion
+    raise AttributeError(f"module 'openldm' has no attribute {name!r}")

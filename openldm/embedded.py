@@ -8,18 +8,19 @@ so everything that works on a real checkpoint works on it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openldm.checkpoints.errors import MissingWeightsError
+from openldm.checkpoints.packaged import (
+    EMBEDDED_FILE,
+    EMBEDDED_PRESET,
+    VARIANT_PRESETS,
+    embedded_file,
+    variant_file,
+)
 
 if TYPE_CHECKING:
-    from openldm.checkpoints.load import StableDiffusion
+    from openldm.checkpoints.load import Networks
 
-EMBEDDED_FILE = Path(__file__).parent / "data" / "embedded.safetensors"
-EMBEDDED_PRESET = "embedded"
-# The UNet-only variants trained from the base (openldm train --stage inpaint|depth): kind -> preset.
-VARIANT_PRESETS = {"inpaint": "embedded-inpaint", "depth": "embedded-depth"}
 # The prompt `openldm txt2img` draws when neither --ckpt nor --prompt is given: one the model renders
 # right. It names the cell: 92% of the one-shape training captions do, and without one the model draws the
 # shape twice in about half the images ("a red circle on a blue background": one red circle in 24 of 45
@@ -27,34 +28,7 @@ VARIANT_PRESETS = {"inpaint": "embedded-inpaint", "depth": "embedded-depth"}
 EMBEDDED_PROMPT = "a red circle in the centre on a blue background"
 
 
-def variant_file(kind: str) -> Path:
-    """Where the packaged ``kind`` variant ("inpaint" or "depth") lives."""
-    if kind not in VARIANT_PRESETS:
-        raise ValueError(f"unknown embedded variant {kind!r}; expected one of {tuple(VARIANT_PRESETS)}")
-    return EMBEDDED_FILE.with_name(f"embedded-{kind}.safetensors")
-
-
-def embedded_file(kind: str | None = None) -> Path:
-    """The packaged weights of the base model (``kind`` None) or of a variant;
-    :class:`MissingWeightsError` when the installation lacks them."""
-    path = EMBEDDED_FILE if kind is None else variant_file(kind)
-    if not path.is_file():
-        what = "default model" if kind is None else f"{kind} variant"
-        rebuild = (
-            "openldm train --out runs/embedded --export openldm/data/embedded.safetensors"
-            if kind is None
-            else f"openldm train --stage {kind} --out runs/embedded-{kind}"
-        )
-        raise MissingWeightsError(
-            path,
-            f"the embedded {what} is missing from this installation",
-            f"Reinstall openldm (the wheel ships {path.name}), rebuild it with `{rebuild}`, "
-            "or pass a checkpoint of your own (load(path), --ckpt PATH)",
-        )
-    return path
-
-
-def load_embedded(kind: str | None = None, **options: Any) -> StableDiffusion:
+def load_embedded_networks(kind: str | None = None, **options: Any) -> Networks:
     """Load the embedded model (``kind`` None) or its "inpaint" / "depth" variant (merged with the base);
     ``options`` are :func:`openldm.checkpoints.load.load`'s (device, dtype...).
 
@@ -66,7 +40,7 @@ def load_embedded(kind: str | None = None, **options: Any) -> StableDiffusion:
     from openldm.devices import resolve_device
 
     if "preset" in options or "base" in options:
-        raise TypeError("load_embedded() takes no preset or base: the embedded models bring their own")
+        raise TypeError("the embedded models take no preset or base: the embedded models bring their own")
     options["device"] = resolve_device(options.get("device", "cpu"))
     if options.get("dtype") is None and options["device"].type == "cpu":
         options["dtype"] = torch.float32
@@ -74,3 +48,14 @@ def load_embedded(kind: str | None = None, **options: Any) -> StableDiffusion:
         return load(embedded_file(), preset=EMBEDDED_PRESET, **options)
     variant = embedded_file(kind)
     return load(variant, preset=VARIANT_PRESETS[kind], base=embedded_file(), **options)
+
+
+__all__ = [
+    "EMBEDDED_FILE",
+    "EMBEDDED_PRESET",
+    "EMBEDDED_PROMPT",
+    "VARIANT_PRESETS",
+    "embedded_file",
+    "load_embedded_networks",
+    "variant_file",
+]

@@ -71,3 +71,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "tiny-sd1.safetensors"
     write_single_file(path, single_file_state_dict("sd1", spec, oracles))
     return path
+
+
+@pytest.fixture(scope="module")
+def single_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """One torch thread for a module's tests: tiny models gain nothing from threads, and on a busy
+    machine OpenMP spinning costs seconds. Then the module's ``ERRORS`` (name -> largest error), if it
+    keeps one, is printed: run with ``-s`` to see how close each parity came."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for name, error in sorted(getattr(request.module, "ERRORS", {}).items()):
+        if isinstance(error, float):  # a module with a table of its own prints it itself
+            print(f"max abs error {name}: {error:.2e}")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import openldm
@@ -21,12 +20,7 @@ pytest.importorskip("diffusers")  # the tiny checkpoint's weights come from the 
 FAST = ["--H", "32", "--W", "32", "--ddim_steps", "2", "--n_samples", "2", "--n_iter", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +129,9 @@ def test_img2img_writes_files_with_strength(ckpt, init_img, tmp_path, capsys) ->
     [
         (["txt2img", "--H", "60"], "--H must be a positive multiple of 8, got 60"),
         (["txt2img", "--W", "0"], "--W must be a positive multiple of 8"),
-        (["txt2img", "--ddim_steps", "0"], "--ddim_steps must be >= 1, got 0"),
+        (["txt2img", "--ddim_steps", "0"], "--ddim_steps must be a whole number >= 1, got 0"),
         (["txt2img", "--sampler", "magic"], "unknown sampler 'magic'; choose one of: ddim"),
-        (["txt2img", "--n_samples", "0"], "--n_samples must be >= 1"),
+        (["txt2img", "--n_samples", "0"], "--n_samples must be a whole number >= 1"),
         (["txt2img", "--C", "8"], "--C 8 does not match the model's 4 latent channels"),
         (["txt2img", "--from-file", "no-such-file.txt"], "does not exist"),
         (["img2img", "--init-img", "INIT", "--strength", "1.5"], "--strength must be between 0 and 1"),

@@ -18,9 +18,10 @@ from PIL import Image
 
 import openldm
 from openldm import cli
+from openldm.checkpoints.extras import midas_estimator
 from openldm.checkpoints.formats.midas import midas_from_transformers
 from openldm.images import read_parameters
-from openldm.nn.midas import MiDaSConfig, MiDaSDepthEstimator, load_midas
+from openldm.nn.midas import MiDaSConfig, MiDaSDepthEstimator
 from openldm.pipelines.depth2img import (
     MissingDepthEstimatorError,
     depth2img,
@@ -70,14 +71,7 @@ TINY_MIDAS = MiDaSConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for name, err in sorted(ERRORS.items()):
-        print(f"max abs error {name}: {err:.2e}")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +266,7 @@ def test_map_from_npy_equals_array(model, init_image, tmp_path) -> None:
 def test_estimator_matches_transformers_dpt_hybrid() -> None:
     torch.manual_seed(0)
     hf = randomize_(transformers.DPTForDepthEstimation(dpt_hybrid_config(TINY_MIDAS, 64)), 3)
-    ours = load_midas(midas_from_transformers(hf.state_dict()))
+    ours = midas_estimator(midas_from_transformers(hf.state_dict()))
     assert ours.config == MiDaSConfig(**{**TINY_MIDAS.__dict__, "num_classes": 0})
     x = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1).clamp(-1, 1)
     with torch.no_grad():

@@ -45,13 +45,7 @@ MODELS = {"eps": "sd1", "v": "sd2-v"}
 SPACINGS = ("leading", "linspace", "trailing")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @functools.cache

@@ -19,8 +19,10 @@ from PIL import Image
 
 import openldm
 from openldm import embedded
+from openldm.checkpoints import packaged
 from openldm.checkpoints.errors import MissingWeightsError
-from openldm.cli import DEFAULT_PROMPT, _default_prompt, main
+from openldm.cli import main
+from openldm.commands.common import DEFAULT_PROMPT, default_prompt
 from openldm.commands.eval import Setting, model_generator, score_settings
 from openldm.config import preset
 from openldm.images import read_parameters
@@ -49,12 +51,7 @@ needs_weights = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the golden image's summation order, and faster on a busy CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +99,14 @@ def embedded_tensors() -> dict[str, torch.Tensor]:
 
 
 def test_missing_weights_say_what_to_do(monkeypatch, tmp_path, capsys) -> None:
-    monkeypatch.setattr(embedded, "EMBEDDED_FILE", tmp_path / "embedded.safetensors")
+    monkeypatch.setattr(packaged, "EMBEDDED_FILE", tmp_path / "embedded.safetensors")
     with pytest.raises(MissingWeightsError, match="missing from this installation.*Reinstall openldm"):
         openldm.load()
     code, _, err = run(capsys, "txt2img", "--outdir", tmp_path)
     assert code == 2 and err.count("\n") == 1 and "Reinstall openldm" in err
     assert not (tmp_path / "samples").exists()
     with pytest.raises(TypeError, match="no preset"):
-        embedded.load_embedded(preset="sd15")
+        embedded.load_embedded_networks(preset="sd15")
 
 
 # --- the CLI -----------------------------------------------------------------------------------
@@ -161,7 +158,7 @@ def test_txt2img_prompt_flag(tmp_path, capsys) -> None:
 
 def test_default_prompt_depends_on_the_model() -> None:
     def prompt(ckpt: str | None, given: str | None) -> str:
-        return _default_prompt(argparse.Namespace(ckpt=ckpt, prompt=given))
+        return default_prompt(argparse.Namespace(ckpt=ckpt, prompt=given))
 
     assert prompt(None, None) == embedded.EMBEDDED_PROMPT
     assert prompt("v1-5.safetensors", None) == DEFAULT_PROMPT
@@ -187,7 +184,7 @@ def test_inpaint_and_depth2img_default_to_the_embedded_variants(
 ) -> None:
     image = tmp_path / "image.png"
     Image.new("RGB", (64, 64), "white").save(image)
-    monkeypatch.setattr(embedded, "EMBEDDED_FILE", tmp_path / "data" / "embedded.safetensors")
+    monkeypatch.setattr(packaged, "EMBEDDED_FILE", tmp_path / "data" / "embedded.safetensors")
     args = [a.replace("{image}", str(image)) for a in argv]
     code, _, err = run(capsys, *args, "--init-img", image, "--outdir", tmp_path / "out")
     assert code == 2 and err.count("\n") == 1, err

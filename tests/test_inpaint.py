@@ -20,8 +20,8 @@ from PIL import Image
 
 import openldm
 from openldm import cli
-from openldm.checkpoints.load import StableDiffusion
 from openldm.images import pil_to_tensor, read_parameters
+from openldm.model import StableDiffusion
 from openldm.pipelines.common import sampling_sigmas
 from openldm.pipelines.inpaint import inpaint, prepare_mask
 from openldm.sampling.samplers import SAMPLERS
@@ -54,14 +54,7 @@ PIXEL_TOL = 1e-3
 ERRORS: dict[str, float] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for name, err in sorted(ERRORS.items()):
-        print(f"pixel max abs error {name}: {err:.2e}")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @dataclass

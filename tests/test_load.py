@@ -19,8 +19,9 @@ import openldm
 from openldm.checkpoints.detect import SIGNATURES, Features, diffusers_features, match
 from openldm.checkpoints.errors import CheckpointError, MissingWeightsError, UnknownArchitectureError
 from openldm.checkpoints.formats import clip, unet, vae
-from openldm.checkpoints.load import SCHEDULE_BUFFERS, StableDiffusion, describe
+from openldm.checkpoints.load import SCHEDULE_BUFFERS, describe
 from openldm.config import ModelSpec
+from openldm.model import StableDiffusion
 from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.unet import UNetModel
 from openldm.nn.vae import AutoencoderKL

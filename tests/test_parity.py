@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import openldm
-from openldm.checkpoints.load import StableDiffusion
 from openldm.config import ModelSpec
+from openldm.model import StableDiffusion
 from tests.helpers import assert_close_rel
 from tests.oracles import (
     DIFFUSERS_EXTRAS,
@@ -116,13 +116,7 @@ class World:
         return openldm.load(folder / "model.ckpt", prediction_type=spec.prediction_type)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 import openldm
-from openldm.checkpoints.load import StableDiffusion
 from openldm.images import parse_parameters
+from openldm.model import StableDiffusion
 from openldm.pipelines import common
 from openldm.pipelines.common import NonFiniteOutputError
 from openldm.sampling.samplers import SAMPLERS
@@ -45,15 +45,7 @@ PIXEL_TOL = 1e-3
 ERRORS: dict[str, float] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for name, err in sorted(ERRORS.items()):
-        print(f"pixel max abs error {name}: {err:.2e}")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @dataclass

@@ -48,16 +48,10 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
 # diffusers' schedulers call np.array on tensors, which numpy 2 warns about.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 
 @functools.cache

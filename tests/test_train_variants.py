@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 import openldm
 import openldm.cli
 from openldm.checkpoints.errors import CorruptCheckpointError, MissingWeightsError
-from openldm.checkpoints.load import StableDiffusion
 from openldm.checkpoints.variant_files import file_metadata, read_variant
 from openldm.config import ModelSpec, TextConfig, UNetConfig, VAEConfig, preset
 from openldm.images import pil_to_tensor
+from openldm.model import StableDiffusion
 from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.unet import UNetModel
 from openldm.nn.vae import AutoencoderKL
@@ -71,12 +71,7 @@ BASE = ModelSpec("tiny-embedded", "sd1", UNET, VAE, TEXT, image_size=32)
 KINDS = ("inpaint", "depth")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _base_file(path: Path, seed: int = 0) -> Path:
@@ -454,7 +449,7 @@ def test_cli_runs_a_variant_stage(monkeypatch, tmp_path):
     packaged = tmp_path / "data" / "embedded.safetensors"  # the packaged base, wherever it is installed
     packaged.parent.mkdir()
     packaged.touch()
-    monkeypatch.setattr("openldm.embedded.EMBEDDED_FILE", packaged)
+    monkeypatch.setattr("openldm.checkpoints.packaged.EMBEDDED_FILE", packaged)
     args = parser.parse_args(["train", "--out", str(tmp_path), "--stage", "depth", "--steps", "7"])
     assert args.run(args) == 0
     (recipe, base, out), options = calls[0]

@@ -34,13 +34,7 @@ PRESET_UNETS = {name: spec.unet for name, spec in PRESETS.items()}
 SEED = 1234
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def diffusers_unet_config(cfg: UNetConfig) -> dict[str, Any]:

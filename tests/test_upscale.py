@@ -20,8 +20,8 @@ from PIL import Image
 import openldm
 from openldm import cli
 from openldm.checkpoints.errors import UnknownArchitectureError
-from openldm.checkpoints.load import StableDiffusion
 from openldm.images import read_parameters
+from openldm.model import StableDiffusion
 from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.unet import UNetModel
 from openldm.nn.vae import AutoencoderKL
@@ -52,14 +52,7 @@ PIXEL_TOL = 1e-3
 ERRORS: dict[str, float] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for name, err in sorted(ERRORS.items()):
-        print(f"pixel max abs error {name}: {err:.2e}")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -376,9 +369,9 @@ def test_command_writes_upscaled_images(folder, low_res_file, tmp_path, capsys, 
         (["--noise-level", -3], "--noise-level must be >= 0"),
         (["--tile", 4], "--tile must be >= 16"),
         (["--tile", 32, "--tile-overlap", 20], "--tile-overlap must be"),
-        (["--steps", 0], "--ddim_steps must be >= 1"),
+        (["--steps", 0], "--ddim_steps must be a whole number >= 1"),
         (["--sampler", "nope"], "unknown sampler"),
-        (["--scale", -1], "--scale must be >= 0"),
+        (["--scale", -1], "--scale must be a finite number >= 0"),
     ],
 )
 def test_command_bad_input(folder, low_res_file, tmp_path, capsys, monkeypatch, extra, message) -> None:

@@ -58,14 +58,7 @@ PIXEL_TOL = 1e-3
 ERRORS: dict[str, float] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for name, err in sorted(ERRORS.items()):
-        print(f"{name}: {err:.2e}")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def picture(width: int = 80, height: int = 56) -> Image.Image:
@@ -338,7 +331,7 @@ def test_command_writes_images_with_parameters(setup, tmp_path, monkeypatch) -> 
     [
         (["--noise-level", "1000"], "--noise-level must be between 0 and 999"),
         (["--H", "36"], "--H must be a positive multiple of 8"),
-        (["--ddim_steps", "0"], "--ddim_steps must be >= 1"),
+        (["--ddim_steps", "0"], "--ddim_steps must be a whole number >= 1"),
         (["--sampler", "nope"], "unknown sampler 'nope'"),
         (["--init-img", "missing.png"], "does not exist"),
         (["--init-img", "__not_an_image__"], "cannot read --init-img"),

@@ -289,3 +289,51 @@ def detect_diffusers(folder: str | os.PathLike[str]) -> Detection:
     text = read_json(text_path, "text_encoder/config.json") if text_path.exists() else None
     features = diffusers_features(index, unet, text)
     return Detection(match(features, folder), features)
+
+
+# --- extra networks ----------------------------------------------------------------------------
+
+ExtraLayout = Literal["midas", "dpt-transformers", "open_clip", "clip-transformers"]
+# Where a checkpoint keeps an extra network, by component name (single-file prefix or diffusers folder).
+EXTRA_NETWORKS: dict[str, tuple[str, ExtraLayout]] = {
+    "depth_model": ("depth_estimator", "midas"),  # the depth model's MiDaS DPT-hybrid
+    "depth_estimator": ("depth_estimator", "dpt-transformers"),  # diffusers: transformers' DPT
+    "embedder": ("image_encoder", "open_clip"),  # unCLIP's CLIP image tower
+    "image_encoder": ("image_encoder", "clip-transformers"),  # diffusers: CLIPVisionModelWithProjection
+}
+# The CLIP image towers of unCLIP, told apart by width when no config.json says more: (activation, name).
+IMAGE_ENCODER_WIDTHS: dict[int, tuple[str, str]] = {
+    1280: ("gelu", "OpenCLIP ViT-H/14"),
+    1024: ("quick_gelu", "OpenAI ViT-L/14"),
+}
+
+
+@dataclass(frozen=True)
+class ExtraNetwork:
+    """An extra network a checkpoint carries: which (``depth_estimator`` or ``image_encoder``), the
+    component holding its weights, and their layout."""
+
+    name: str
+    component: str
+    layout: ExtraLayout
+
+
+def detect_extra_networks(components: Mapping[str, Any]) -> dict[str, ExtraNetwork]:
+    """The extra networks among a loaded checkpoint's ``components`` (its extras), by name."""
+    found: dict[str, ExtraNetwork] = {}
+    for component, (name, layout) in EXTRA_NETWORKS.items():
+        if component in components and name not in found:
+            found[name] = ExtraNetwork(name, component, layout)
+    return found
+
+
+def image_encoder_activation(width: int, source: str | os.PathLike[str]) -> str:
+    """The activation of a CLIP image tower of ``width`` (a folder without image_encoder/config.json)."""
+    if width not in IMAGE_ENCODER_WIDTHS:
+        known = ", ".join(f"{name} ({w} wide)" for w, (_, name) in IMAGE_ENCODER_WIDTHS.items())
+        raise CorruptCheckpointError(
+            source,
+            f"image_encoder/config.json is missing and a {width}-wide image tower is none of {known}",
+            "Download the image_encoder folder's config.json",
+        )
+    return IMAGE_ENCODER_WIDTHS[width][0]

@@ -24,7 +24,7 @@ Dropped by name from single files (and nothing else): the reference's noise-sche
 (:data:`SCHEDULE_BUFFERS`), ``model_ema.*`` (logged: released files already hold the EMA weights in
 the main keys), ``first_stage_model.loss.*`` (the VAE's training loss) and the text encoder's
 ``position_ids``. The depth estimator, the x4 low-res schedule and unCLIP's image embedder and noise
-augmentor are returned untouched in :attr:`StableDiffusion.extras`.
+augmentor are returned untouched in :attr:`Networks.extras`.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
 from openldm.checkpoints import variant_files
+from openldm.checkpoints.build import build_network, examples
 from openldm.checkpoints.detect import (
     EXTRA_COMPONENTS,
     TEXT_PREFIXES,
@@ -59,6 +60,7 @@ from openldm.checkpoints.errors import (
     MissingWeightsError,
     UnknownArchitectureError,
 )
+from openldm.checkpoints.extras import build_extra_networks
 from openldm.checkpoints.read import read_state_dict
 from openldm.config import (
     PRESETS,
@@ -72,12 +74,11 @@ from openldm.config import (
 from openldm.config import preset as named_preset
 from openldm.devices import resolve_device
 from openldm.nn.clip import CLIPTextEncoder
+from openldm.nn.clip_vision import CLIPVisionEncoder
+from openldm.nn.midas import MiDaSDepthEstimator
 from openldm.nn.unet import UNetModel
 from openldm.nn.vae import AutoencoderKL
 from openldm.tokenizer import CLIPTokenizer
-
-if TYPE_CHECKING:
-    from openldm.pipelines.common import Generation
 
 log = logging.getLogger("openldm")
 
@@ -111,8 +112,9 @@ _DIFFUSERS_UNUSED = frozenset({"safety_checker", "feature_extractor"})
 
 
 @dataclass
-class StableDiffusion:
-    """A loaded checkpoint: the spec it was built from, its three networks and its tokenizer."""
+class Networks:
+    """A loaded checkpoint: the spec it was built from, its three networks and its tokenizer
+    (:class:`openldm.model.StableDiffusion` adds what a model makes with them)."""
 
     spec: ModelSpec
     unet: UNetModel
@@ -124,62 +126,23 @@ class StableDiffusion:
     # diffusers folder names ("depth_estimator", "image_encoder", ...).
     extras: dict[str, StateDict] = field(default_factory=dict)
     source: str = ""
+    # The extra networks built from ``extras`` (:mod:`openldm.checkpoints.extras`), and why one present
+    # could not be built (the pipeline that needs it says so).
+    depth_estimator: MiDaSDepthEstimator | None = None
+    image_encoder: CLIPVisionEncoder | None = None
+    unbuilt: dict[str, str] = field(default_factory=dict)
 
-    def txt2img(
-        self, prompt: str | list[str], negative_prompt: str | list[str] = "", **options: Any
-    ) -> Generation:
-        """Text to image; see :func:`openldm.pipelines.txt2img.txt2img` for the options.
 
-        Returns a :class:`openldm.pipelines.common.Generation` (``.images``, ``.latents``, ...).
-        """
-        from openldm.pipelines.txt2img import txt2img
+class LoadOptions(TypedDict, total=False):
+    """:func:`load`'s keyword arguments, for the functions that pass them on."""
 
-        return txt2img(self, prompt, negative_prompt, **options)
-
-    def img2img(
-        self, prompt: str | list[str], init_image: Any, negative_prompt: str | list[str] = "", **options: Any
-    ) -> Generation:
-        """Image to image; see :func:`openldm.pipelines.img2img.img2img` for the options."""
-        from openldm.pipelines.img2img import img2img
-
-        return img2img(self, prompt, init_image, negative_prompt, **options)
-
-    def inpaint(
-        self,
-        prompt: str | list[str],
-        image: Any,
-        mask: Any,
-        negative_prompt: str | list[str] = "",
-        **options: Any,
-    ) -> Generation:
-        """Repaint the white part of ``mask``; see :func:`openldm.pipelines.inpaint.inpaint`."""
-        from openldm.pipelines.inpaint import inpaint
-
-        return inpaint(self, prompt, image, mask, negative_prompt, **options)
-
-    def depth2img(
-        self, prompt: str | list[str], image: Any, negative_prompt: str | list[str] = "", **options: Any
-    ) -> Generation:
-        """Redraw an image keeping its depth; see :func:`openldm.pipelines.depth2img.depth2img`."""
-        from openldm.pipelines.depth2img import depth2img
-
-        return depth2img(self, prompt, image, negative_prompt, **options)
-
-    def variations(
-        self, image: Any, prompt: str | list[str] = "", negative_prompt: str | list[str] = "", **options: Any
-    ) -> Generation:
-        """unCLIP image variations; see :func:`openldm.pipelines.variations.variations`."""
-        from openldm.pipelines.variations import variations
-
-        return variations(self, image, prompt, negative_prompt, **options)
-
-    def upscale(
-        self, prompt: str | list[str], image: Any, negative_prompt: str | list[str] = "", **options: Any
-    ) -> Generation:
-        """x4 upscaling; see :func:`openldm.pipelines.upscale.upscale` for the options."""
-        from openldm.pipelines.upscale import upscale
-
-        return upscale(self, prompt, image, negative_prompt, **options)
+    config: str | os.PathLike[str] | None
+    prediction_type: PredictionType | None
+    dtype: torch.dtype | None
+    device: str | torch.device
+    preset: str | ModelSpec | None
+    variant: str | None
+    base: str | os.PathLike[str] | None
 
 
 @dataclass
@@ -216,8 +179,8 @@ def load(
     preset: str | ModelSpec | None = None,
     variant: str | None = None,
     base: str | os.PathLike[str] | None = None,
-) -> StableDiffusion:
-    """Load a Stable Diffusion checkpoint.
+) -> Networks:
+    """Load a Stable Diffusion checkpoint's networks.
 
     Args:
         path_or_id: an original ``.safetensors``/``.ckpt`` file, a diffusers folder, or a hub id
@@ -247,15 +210,26 @@ def load(
         raise MissingWeightsError(source, "no such file or folder", "Check the path")
     spec = _spec(parts, source, prediction_type, preset)
     parts.tokenizer.pad_token_id = spec.text.pad_token_id  # a preset may pad differently
-    return StableDiffusion(
+    unet = build_network(UNetModel, spec.unet, parts.unet, "unet", source, dtype, device)
+    extra = build_extra_networks(parts.extras, source, spec.unet, dtype or _dtype_of(unet), device)
+    return Networks(
         spec=spec,
-        unet=_build(UNetModel, spec.unet, parts.unet, "unet", source, dtype, device),
-        vae=_build(AutoencoderKL, spec.vae, parts.vae, "vae", source, dtype, device),
-        text_encoder=_build(CLIPTextEncoder, spec.text, parts.text, "text encoder", source, dtype, device),
+        unet=unet,
+        vae=build_network(AutoencoderKL, spec.vae, parts.vae, "vae", source, dtype, device),
+        text_encoder=build_network(
+            CLIPTextEncoder, spec.text, parts.text, "text encoder", source, dtype, device
+        ),
         tokenizer=parts.tokenizer,
         extras=parts.extras,
         source=source,
+        depth_estimator=extra.depth_estimator,
+        image_encoder=extra.image_encoder,
+        unbuilt=extra.unbuilt,
     )
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 # --- original single files ---------------------------------------------------------------------
@@ -317,7 +291,7 @@ def split_single_file(
     if unexpected:
         raise UnknownArchitectureError(
             source,
-            f"unexpected tensors for a {detection.variant} checkpoint: {_examples(unexpected)}",
+            f"unexpected tensors for a {detection.variant} checkpoint: {examples(unexpected)}",
             "Pass an unmodified Stable Diffusion checkpoint, or remove these tensors from it",
         )
     if ema:
@@ -764,52 +738,6 @@ def _matching_preset(spec: ModelSpec) -> str:
     return f"custom-{spec.variant}"
 
 
-def _build(
-    cls: type[nn.Module],
-    config: Any,
-    sd: StateDict,
-    what: str,
-    source: str,
-    dtype: torch.dtype | None,
-    device: str | torch.device,
-) -> Any:
-    with torch.device("meta"):
-        model = cls(config)
-    _check_keys(model, sd, what, source)
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
-    # Loaded networks are for inference: no gradients until a training loop asks for them.
-    return model.requires_grad_(False).eval().to(device)
-
-
-def _check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str) -> None:
-    """Missing, unexpected and misshapen tensors, named, before ``load_state_dict`` sees them."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [
-        f"{k}: file {tuple(sd[k].shape)}, model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {_examples(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_examples(unexpected)}")
-    if shapes:
-        problems.append(f"wrong shapes {_examples(shapes)}")
-    if problems:
-        raise CorruptCheckpointError(
-            source,
-            f"the {what} weights do not fit the {what} they describe (key names without the file's prefix): "
-            + "; ".join(problems),
-            "The file is incomplete or modified; use the original file, or pass config=/preset= if the "
-            "sizes were read wrongly",
-        )
-
-
 def _convert(source: str | os.PathLike[str], what: str, fn: Any, *args: Any) -> Any:
     """Run a ``formats`` function; its ``ValueError``/``KeyError`` becomes an error naming the file."""
     try:
@@ -820,11 +748,6 @@ def _convert(source: str | os.PathLike[str], what: str, fn: Any, *args: Any) -> 
         raise UnknownArchitectureError(
             source, f"the {what} cannot be read ({e})", "Check that this is a Stable Diffusion checkpoint"
         ) from e
-
-
-def _examples(items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # --- description -------------------------------------------------------------------------------
@@ -838,7 +761,7 @@ def _dtypes(module: nn.Module) -> str:
     return "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()}))
 
 
-def describe(model: StableDiffusion) -> str:
+def describe(model: Networks) -> str:
     """A few lines on what was loaded: variant, sizes, prediction type, dtype, parameter counts."""
     s = model.spec
     u, v, t = s.unet, s.vae, s.text

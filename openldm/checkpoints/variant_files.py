@@ -123,6 +123,6 @@ def default_base(metadata: Mapping[str, str]) -> Path | None:
     """The packaged embedded model when a variant's metadata names it as its base, else None."""
     if metadata.get(BASE_KEY) != "embedded":
         return None
-    from openldm.embedded import EMBEDDED_FILE
+    from openldm.checkpoints.packaged import EMBEDDED_FILE
 
     return EMBEDDED_FILE if EMBEDDED_FILE.is_file() else None

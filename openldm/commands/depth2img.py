@@ -7,10 +7,10 @@ MiDaS estimator that the original depth checkpoint carries. Output files as the 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from openldm.pipelines.common import Generation
+from openldm.commands.common import run_generation
+from openldm.commands.flags import add_generation_flags
 
 NAME = "depth2img"
 DEFAULT_STRENGTH = 0.8  # the reference's depth2img scripts and diffusers
@@ -29,8 +29,6 @@ estimated with the MiDaS DPT-hybrid estimator stored in the original checkpoint 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``depth2img`` to the ``openldm`` subcommands."""
-    from openldm.cli import _add_generation_flags
-
     parser = subparsers.add_parser(
         NAME,
         help="redraw an image after a prompt, keeping its depth",
@@ -39,7 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_generation_flags(
+    add_generation_flags(
         parser,
         "img2img",
         embedded=True,
@@ -59,43 +57,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from openldm.cli import (
-        UsageError,
-        _check_input,
-        _check_model,
-        _generate_batches,
-        _generation_options,
-        _load_model,
-        _prompt_batches,
-        _sampler_name,
-        _save_outputs,
-    )
     from openldm.images import load_image
-    from openldm.pipelines.depth2img import depth2img, read_depth_map
+    from openldm.pipelines.depth2img import Depth2Img, read_depth_map
 
-    sampler = _sampler_name(args)
-    if not 0.0 <= args.strength <= 1.0:
-        raise UsageError(f"--strength must be between 0 and 1, got {args.strength}")
-    _check_input(args)
-    batches = _prompt_batches(args)
-    init_image = load_image(args.init_img, "--init-img")
-    depth_map = read_depth_map(args.depth_map) if args.depth_map is not None else None
-    model, precision = _load_model(args)
-    _check_model(args, model)
-    if model.spec.variant != "depth":
-        raise UsageError(
-            f"--ckpt {args.ckpt!r} is a {model.spec.variant} model; depth2img needs a depth model "
-            "(such as 512-depth-ema)"
-        )
-    options: dict[str, Any] = {
-        **_generation_options(args, sampler, precision),
-        "depth_map": depth_map,
-        "strength": args.strength,
-        "guidance_scale": args.scale if args.scale is not None else DEFAULT_SCALE,
-    }
+    def task() -> Depth2Img:
+        image = load_image(args.init_img, "--init-img")
+        depth_map = read_depth_map(args.depth_map) if args.depth_map is not None else None
+        return Depth2Img(image, args.strength, depth_map=depth_map)
 
-    def generate(prompts: list[str], n_samples: int) -> Generation:
-        return depth2img(model, prompts, init_image, args.negative_prompt, n_samples=n_samples, **options)
-
-    _save_outputs(args, _generate_batches(args, batches, generate))
-    return 0
+    return run_generation(args, task, lambda variant: DEFAULT_SCALE)

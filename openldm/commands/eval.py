@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openldm.cli import UsageError
+from openldm.commands.common import UsageError
 from openldm.files import check_output_folder, write_atomically
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from openldm.checkpoints.load import StableDiffusion
+    from openldm.model import StableDiffusion
     from openldm.shapes.render import Scene
 
 NAME = "eval"
@@ -464,18 +464,10 @@ def to_json(
 def load_model(args: argparse.Namespace, kind: str | None = None) -> tuple[StableDiffusion, str]:
     """The model of --ckpt (with --base), else the embedded model or its ``kind`` variant; and the
     precision to run it in."""
-    import torch
+    from openldm.commands.common import load_model as load
+    from openldm.commands.common import precision_for
 
-    from openldm.checkpoints.load import load
-    from openldm.cli import _device, _precision
-    from openldm.embedded import load_embedded
-
-    device = _device(args.device)
-    precision = _precision("autocast", device)
-    dtype = torch.float32 if precision == "fp32" else None
-    if args.ckpt is None:
-        return load_embedded(kind, device=device, dtype=dtype), precision
-    return load(args.ckpt, config=args.config, device=device, dtype=dtype, base=args.base), precision
+    return load(args, kind), precision_for(args)
 
 
 def run(args: argparse.Namespace) -> int:

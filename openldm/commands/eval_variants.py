@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openldm.cli import UsageError
+from openldm.commands.common import UsageError
 from openldm.files import write_atomically
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from openldm.checkpoints.load import StableDiffusion
+    from openldm.model import StableDiffusion
 
 # A plain text-to-image model inpaints too (by latent blending).
 TASK_VARIANTS = {"inpaint": ("inpaint", "sd1", "sd2"), "depth": ("depth",)}
@@ -29,9 +29,9 @@ DEPTH_COLUMNS = ("colour", "kind", "position", "count", "order", "order_found")
 
 
 def _load(args: argparse.Namespace) -> tuple[StableDiffusion, str]:
-    from openldm.commands.eval import load_model
+    from openldm.commands.common import load_model, precision_for
 
-    model, precision = load_model(args, args.task)
+    model, precision = load_model(args, args.task), precision_for(args)
     if model.spec.variant not in TASK_VARIANTS[args.task]:
         raise UsageError(
             f"--task {args.task} needs a {args.task} model; this is a {model.spec.variant} model"
@@ -54,13 +54,12 @@ def inpaint_fidelity(
 ) -> dict[str, float]:
     """:func:`~openldm.shapes.variant_fidelity.score_inpaint` of ``model`` on ``n`` cases (case ``i``
     sampled with seed ``seed + i`` and the pipeline ``options``); ``on_image`` is called after each."""
-    from openldm.pipelines.inpaint import inpaint
     from openldm.shapes.variant_fidelity import inpaint_cases, score_inpaint
 
     cases = inpaint_cases(seed, n, model.spec.image_size)
     images: list[Image.Image] = []
     for i, case in enumerate(cases):
-        images.append(inpaint(model, case.caption, case.init, case.mask, seed=seed + i, **options).images[0])
+        images.append(model.inpaint(case.caption, case.init, case.mask, seed=seed + i, **options).images[0])
         on_image()
     return score_inpaint(images, cases)
 
@@ -72,7 +71,6 @@ def depth_fidelity(
     depth maps and captions (seeds as :func:`inpaint_fidelity`)."""
     from PIL import Image
 
-    from openldm.pipelines.depth2img import depth2img
     from openldm.shapes.render import PALETTE
     from openldm.shapes.variant_fidelity import depth_cases, score_depth
 
@@ -81,7 +79,7 @@ def depth_fidelity(
     images: list[Image.Image] = []
     for i, (caption, scene, depth) in enumerate(cases):
         blank = Image.new("RGB", (size, size), PALETTE[scene.background])  # unused at strength 1
-        drawn = depth2img(model, caption, blank, depth_map=depth, strength=1.0, seed=seed + i, **options)
+        drawn = model.depth2img(caption, blank, depth_map=depth, strength=1.0, seed=seed + i, **options)
         images.append(drawn.images[0])
         on_image()
     return score_depth(images, [scene for _, scene, _ in cases])

@@ -7,23 +7,10 @@ ones; see :mod:`openldm.pipelines.inpaint`. Files are written as txt2img/img2img
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from openldm.cli import (
-    UsageError,
-    _add_generation_flags,
-    _check_input,
-    _check_model,
-    _generate_batches,
-    _generation_options,
-    _load_model,
-    _prompt_batches,
-    _sampler_name,
-    _save_outputs,
-)
-
-if TYPE_CHECKING:
-    from openldm.pipelines.common import Generation
+from openldm.commands.common import run_generation
+from openldm.commands.flags import add_generation_flags
 
 DEFAULT_SCALE = 7.5  # diffusers' StableDiffusionInpaintPipeline default
 DEFAULT_STRENGTH = 1.0
@@ -51,7 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_generation_flags(
+    add_generation_flags(
         parser,
         "img2img",
         embedded=True,
@@ -72,30 +59,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from openldm.images import load_image
-    from openldm.pipelines.inpaint import INPAINT_VARIANTS, inpaint, load_mask
+    from openldm.pipelines.inpaint import Inpaint, load_mask
 
-    sampler = _sampler_name(args)
-    _check_input(args)
-    if not 0.0 <= args.strength <= 1.0:
-        raise UsageError(f"--strength must be between 0 and 1, got {args.strength}")
-    batches = _prompt_batches(args)
-    init_image = load_image(args.init_img, "--init-img")
-    mask = load_mask(args.mask, "--mask")
-    model, precision = _load_model(args)
-    _check_model(args, model)
-    if model.spec.variant not in INPAINT_VARIANTS:
-        raise UsageError(
-            f"{args.ckpt} is a {model.spec.variant} model; inpaint needs an inpainting or text-to-image model"
-        )
-    options: dict[str, Any] = {
-        **_generation_options(args, sampler, precision),
-        "strength": args.strength,
-        "guidance_scale": args.scale if args.scale is not None else DEFAULT_SCALE,
-        "paste_back": args.paste_back,
-    }
+    def task() -> Inpaint:
+        image, mask = load_image(args.init_img, "--init-img"), load_mask(args.mask, "--mask")
+        return Inpaint(image, mask, args.strength, args.paste_back)
 
-    def generate(prompts: list[str], n_samples: int) -> Generation:
-        return inpaint(model, prompts, init_image, mask, args.negative_prompt, n_samples=n_samples, **options)
-
-    _save_outputs(args, _generate_batches(args, batches, generate))
-    return 0
+    return run_generation(args, task, lambda variant: DEFAULT_SCALE)

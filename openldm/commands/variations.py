@@ -8,10 +8,10 @@ The flags are ``openldm txt2img``'s plus ``--init-img`` and ``--noise-level``; t
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from openldm.pipelines.common import Generation
+from openldm.commands.common import UsageError, run_generation
+from openldm.commands.flags import add_generation_flags
 
 NAME = "variations"
 DEFAULT_SCALE = 10.0
@@ -29,8 +29,6 @@ through the VAE; --H/--W choose the output size (default: the model's, 768)."""
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``variations`` to the ``openldm`` subcommands."""
-    from openldm.cli import _add_generation_flags
-
     parser = subparsers.add_parser(
         NAME,
         help="variations of an image (unCLIP models)",
@@ -39,7 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_generation_flags(
+    add_generation_flags(
         parser,
         "txt2img",
         defaults={
@@ -72,44 +70,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from openldm.cli import (
-        UsageError,
-        _check_input,
-        _check_model,
-        _generate_batches,
-        _generation_options,
-        _load_model,
-        _prompt_batches,
-        _sampler_name,
-        _save_outputs,
-    )
     from openldm.images import load_image
-    from openldm.pipelines.image_embedding import image_embedder, read_embedding_stats
-    from openldm.pipelines.variations import variations
+    from openldm.pipelines.image_embedding import read_embedding_stats
+    from openldm.pipelines.variations import Variations
 
-    sampler = _sampler_name(args)
     if not 0 <= args.noise_level <= 999:
         raise UsageError(f"--noise-level must be between 0 and 999, got {args.noise_level}")
-    _check_input(args)
-    batches = _prompt_batches(args)
-    init_image = load_image(args.init_img, "--init-img")
-    stats = read_embedding_stats(args.embedding_stats) if args.embedding_stats else None
-    model, precision = _load_model(args)
-    _check_model(args, model)
-    if model.spec.variant != "unclip":
-        raise UsageError(
-            f"--ckpt {args.ckpt!r} is a {model.spec.variant} model; variations need an unCLIP model "
-            "(such as sd21-unclip-h)"
-        )
-    options: dict[str, Any] = {
-        **_generation_options(args, sampler, precision),
-        "noise_level": args.noise_level,
-        "guidance_scale": args.scale if args.scale is not None else DEFAULT_SCALE,
-        "embedder": image_embedder(model, stats),  # built once for every batch
-    }
 
-    def generate(prompts: list[str], n_samples: int) -> Generation:
-        return variations(model, init_image, prompts, args.negative_prompt, n_samples=n_samples, **options)
+    def task() -> Variations:  # its embedder, built at the first batch, serves every batch
+        image = load_image(args.init_img, "--init-img")
+        stats = read_embedding_stats(args.embedding_stats) if args.embedding_stats else None
+        return Variations(image, args.noise_level, embedding_stats=stats)
 
-    _save_outputs(args, _generate_batches(args, batches, generate))
-    return 0
+    return run_generation(args, task, lambda variant: DEFAULT_SCALE)

@@ -435,36 +435,3 @@ def infer_midas_config(sd: Mapping[str, torch.Tensor]) -> MiDaSConfig:
         features=sd["model.scratch.layer1_rn.weight"].shape[0],
         num_classes=sd[vit + "head.weight"].shape[0] if vit + "head.weight" in sd else 0,
     )
-
-
-def load_midas(sd: Mapping[str, torch.Tensor], config: MiDaSConfig | None = None) -> MiDaSDepthEstimator:
-    """Build on the meta device and load ``sd`` (keys without ``depth_model.``) strictly, as float32."""
-    try:
-        config = config or infer_midas_config(sd)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"the depth estimator weights are not a MiDaS DPT-hybrid model ({e})") from e
-    with torch.device("meta"):
-        estimator = MiDaSDepthEstimator(config)
-    expected = estimator.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            "the depth estimator weights do not fit a MiDaS DPT-hybrid model: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}"
-        )
-    estimator.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
-    return estimator.requires_grad_(False).eval()
-
-
-def estimator_from_extras(extras: Mapping[str, Mapping[str, torch.Tensor]]) -> MiDaSDepthEstimator:
-    """The estimator of a loaded checkpoint's extras: ``depth_model`` (single files) or
-    ``depth_estimator`` (diffusers folders, transformers' DPT layout). ``LookupError`` when absent."""
-    if "depth_model" in extras:
-        return load_midas(extras["depth_model"])
-    if "depth_estimator" in extras:
-        from openldm.checkpoints.formats.midas import midas_from_transformers
-
-        return load_midas(midas_from_transformers(extras["depth_estimator"]))
-    raise LookupError("the checkpoint carries no depth estimator (no depth_model.* weights)")

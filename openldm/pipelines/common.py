@@ -31,6 +31,8 @@ from openldm.sampling.schedule import NoiseSchedule
 
 if TYPE_CHECKING:
     from openldm.nn.clip import CLIPTextEncoder
+    from openldm.nn.clip_vision import CLIPVisionEncoder
+    from openldm.nn.midas import MiDaSDepthEstimator
     from openldm.nn.unet import UNetModel
     from openldm.nn.vae import AutoencoderKL
     from openldm.tokenizer import CLIPTokenizer
@@ -76,6 +78,9 @@ class Model(Protocol):
     tokenizer: CLIPTokenizer
     extras: dict[str, dict[str, torch.Tensor]]
     source: str
+    depth_estimator: MiDaSDepthEstimator | None
+    image_encoder: CLIPVisionEncoder | None
+    unbuilt: dict[str, str]
 
 
 # --- checks ------------------------------------------------------------------------------------

@@ -135,18 +135,17 @@ def midas_input_size(height: int, width: int, target: int = MIDAS_SIZE) -> tuple
 
 
 def depth_estimator(model: Model) -> nn.Module:
-    """The MiDaS DPT-hybrid estimator of the checkpoint (``depth_model.*``), on the UNet's device."""
-    from openldm.nn.midas import estimator_from_extras
-
-    try:
-        estimator = estimator_from_extras(model.extras)
-    except (LookupError, ValueError) as e:  # absent, or not a DPT-hybrid we can read
+    """The MiDaS DPT-hybrid estimator the checkpoint carries (``depth_model.*``, built when it loaded)."""
+    if model.depth_estimator is None:
+        why = model.unbuilt.get(
+            "depth_estimator", "the checkpoint carries no depth estimator (no depth_model.*)"
+        )
         raise MissingDepthEstimatorError(
-            f"no depth map given and {e}; pass a depth map (depth_map= an image, a .npy file or an array; "
+            f"no depth map given and {why}; pass a depth map (depth_map= an image, a .npy file or an array; "
             "--depth-map on the command line), or load the original 512-depth-ema checkpoint, which "
             "carries the MiDaS estimator"
-        ) from None
-    return estimator.to(device_of(model.unet))
+        )
+    return model.depth_estimator
 
 
 def estimate_depth(model: Model, image: torch.Tensor) -> torch.Tensor:

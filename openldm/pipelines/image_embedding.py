@@ -7,7 +7,7 @@ statistics the checkpoint carries: the reference's ``CLIPEmbeddingNoiseAugmentat
 ``StableUnCLIPImg2ImgPipeline.noise_image_embeddings``. Even level 0 adds a little noise
 (``sqrt(1 - a_0)`` is about 0.006).
 
-Where the parts come from (see :attr:`StableDiffusion.extras`): an original single file has the
+Where the parts come from (see :attr:`openldm.model.StableDiffusion.extras`): an original single file has the
 image tower under ``embedder.model.visual.*`` and the schedule (and possibly ``data_mean`` /
 ``data_std``) under ``noise_augmentor.*``; a diffusers folder has ``image_encoder/`` (transformers'
 ``CLIPVisionModelWithProjection``), ``image_normalizer/`` (``mean``, ``std``) and
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,20 +28,11 @@ from PIL import Image
 
 from openldm.checkpoints.detect import read_json
 from openldm.checkpoints.errors import CorruptCheckpointError, MissingWeightsError, UnknownArchitectureError
-from openldm.checkpoints.formats.clip_vision import (
-    OPENAI_L_WIDTH,
-    OPENCLIP_H_WIDTH,
-    embedder_activation,
-    infer_vision_config,
-    vision_config_from_transformers,
-    vision_from_embedder,
-    vision_from_transformers,
-)
 from openldm.nn.clip_vision import CLIPVisionEncoder, VisionConfig, preprocess
 from openldm.nn.unet import timestep_embedding
 
 if TYPE_CHECKING:
-    from openldm.checkpoints.load import StableDiffusion
+    from openldm.pipelines.common import Model
 
 StateDict = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -137,34 +128,33 @@ def read_embedding_stats(path: str | os.PathLike[str]) -> tuple[torch.Tensor, to
 
 
 def image_embedder(
-    model: StableDiffusion, embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    model: Model, embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> ImageEmbedder:
-    """Build the image embedder of an unCLIP model from its extras, on the UNet's device and dtype.
+    """The image embedder of an unCLIP model: its CLIP image encoder (built when it loaded) with the
+    embedding statistics and the noise schedule its extras carry.
 
     ``embedding_stats``: (mean, std) of the image embeddings, for a checkpoint that does not carry them
     (the reference's ``-l`` config reads them from ``ViT-L-14_stats.th``).
     """
     if model.spec.variant != "unclip":
         raise ValueError(f"this is a {model.spec.variant} model; image variations need an unCLIP model")
-    extras, source = model.extras, model.source
+    extras, source, encoder = model.extras, model.source, model.image_encoder
+    if encoder is None:
+        why = model.unbuilt.get(
+            "image_encoder", "it holds no CLIP image encoder (embedder.* or image_encoder/)"
+        )
+        raise MissingWeightsError(
+            source, why, "Use the complete checkpoint (or diffusers folder), or pass image_embeds= yourself"
+        )
+    config = encoder.config
     folder = Path(source) if source and Path(source).is_dir() else None
     if "image_encoder" in extras:
-        sd = _convert(source, vision_from_transformers, extras["image_encoder"])
-        config = _diffusers_vision_config(folder, sd, source)
         stats = _diffusers_stats(extras, source)
         alphas = _diffusers_schedule(folder)
-    elif "embedder" in extras:
-        sd = _convert(source, vision_from_embedder, extras["embedder"])
-        config = _convert(source, infer_vision_config, sd, embedder_activation(extras["embedder"]))
+    else:
         augmentor = extras.get("noise_augmentor", {})
         stats = _single_file_stats(augmentor, config, source)
         alphas = augmentor["alphas_cumprod"].double() if "alphas_cumprod" in augmentor else None
-    else:
-        raise MissingWeightsError(
-            source,
-            "this unCLIP checkpoint holds no CLIP image encoder (embedder.* or image_encoder/)",
-            "Use the complete checkpoint (or diffusers folder), or pass image_embeds= yourself",
-        )
     if embedding_stats is not None:
         stats = embedding_stats
     if stats is None:
@@ -175,42 +165,18 @@ def image_embedder(
             "Pass embedding_stats=(mean, std), e.g. torch.load('ViT-L-14_stats.th') as the reference's "
             "config does",
         )
-    _check_width(model, config, source)
-    encoder = _build_encoder(config, sd, source)
-    ref = next(model.unet.parameters())
     mean, std = (s.detach().float().reshape(1, -1) for s in stats)
     if mean.shape[1] != config.embed_dim or std.shape[1] != config.embed_dim:
         raise CorruptCheckpointError(
             source, f"the embedding statistics do not have {config.embed_dim} values", "Check the checkpoint"
         )
+    device = next(encoder.parameters()).device
     return ImageEmbedder(
-        encoder=encoder.to(ref.device, ref.dtype),
-        mean=mean.to(ref.device),
-        std=std.to(ref.device),
+        encoder=encoder,
+        mean=mean.to(device),
+        std=std.to(device),
         alphas_cumprod=alphas if alphas is not None else cosine_alphas_cumprod(),
     )
-
-
-def _convert(source: str, fn: Callable[..., T], *args: Any) -> T:
-    try:
-        return fn(*args)
-    except (ValueError, KeyError) as e:
-        raise UnknownArchitectureError(
-            source, f"the CLIP image encoder cannot be read ({e})", "Check that this is an unCLIP checkpoint"
-        ) from e
-
-
-def _diffusers_vision_config(folder: Path | None, sd: StateDict, source: str) -> VisionConfig:
-    path = folder / "image_encoder" / "config.json" if folder is not None else None
-    if path is not None and path.is_file():
-        return _convert(source, vision_config_from_transformers, read_json(path, "image_encoder/config.json"))
-    # No config.json at hand: OpenCLIP ViT-H/14 (GELU) or OpenAI ViT-L/14 (quick-GELU), told by width.
-    width = int(sd["conv1.weight"].shape[0]) if "conv1.weight" in sd else -1
-    if width not in (OPENCLIP_H_WIDTH, OPENAI_L_WIDTH):
-        raise CorruptCheckpointError(
-            source, "image_encoder/config.json is missing", "Download the image_encoder folder's config.json"
-        )
-    return _convert(source, infer_vision_config, sd, "gelu" if width == OPENCLIP_H_WIDTH else "quick_gelu")
 
 
 def _diffusers_stats(extras: Mapping[str, StateDict], source: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,28 +211,3 @@ def _single_file_stats(
     if config.activation == "gelu":  # the -h config gives no statistics: the identity normalisation
         return torch.zeros(1, config.embed_dim), torch.ones(1, config.embed_dim)
     return None
-
-
-def _check_width(model: StableDiffusion, config: VisionConfig, source: str) -> None:
-    adm = model.spec.unet.adm_in_channels
-    if adm != 2 * config.embed_dim:
-        raise UnknownArchitectureError(
-            source,
-            f"the UNet reads {adm} class values but the image encoder gives {config.embed_dim}-wide "
-            "embeddings (twice that is needed)",
-            "The image encoder does not belong to this UNet",
-        )
-
-
-def _build_encoder(config: VisionConfig, sd: StateDict, source: str) -> CLIPVisionEncoder:
-    with torch.device("meta"):
-        encoder = CLIPVisionEncoder(config)
-    try:
-        encoder.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CorruptCheckpointError(
-            source,
-            f"the CLIP image encoder weights do not fit ({e})",
-            "Use the original, complete checkpoint",
-        ) from None
-    return encoder.requires_grad_(False).eval()

@@ -103,6 +103,7 @@ class Inpaint(Task):
         return strength_sigmas(sigmas, steps, self.strength)
 
     def prepare(self, run: Run) -> None:
+        self.extra = None  # the masked image is encoded at the first repeat of every run
         self.mask_latent = latent_mask(self.repaint, run.shape[-2:]).to(run.device)
         from_noise = self.strength == 1.0
         self.latent = None if self.channels and from_noise else run.encode(self.init.tensor)

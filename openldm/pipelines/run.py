@@ -109,7 +109,11 @@ class Run:
 
 
 class Task:
-    """What a pipeline adds to the run; this base class is text to image."""
+    """What a pipeline adds to the run; this base class is text to image.
+
+    A task keeps what a run prepares (the init image's pixels and latent, ...) on itself; every run sets
+    it again, from :meth:`image_size` and :meth:`prepare`, so one task serves several runs in turn (the
+    batches of a command)."""
 
     name: ClassVar[str] = "txt2img"
     variants: ClassVar[tuple[str, ...]] = TEXT_TO_IMAGE_VARIANTS
@@ -135,8 +139,8 @@ class Task:
         """The sigmas the run walks, from the full schedule of ``steps`` steps."""
         return sigmas
 
-    def passes(self, run: Run) -> int:
-        """Sampler runs per repeat (tiles)."""
+    def passes(self) -> int:
+        """Sampler runs per repeat (tiles; known once :meth:`image_size` ran)."""
         return 1
 
     def prepare(self, run: Run) -> None:
@@ -170,9 +174,8 @@ def generate(model: Model, task: Task, options: GenerationOptions) -> Generation
     with torch.inference_mode():
         with autocast(device_of(model.unet), options.precision):
             cond, uncond = conditioning(model, prompts, negatives, options.guidance_scale, options.weighting)
-        bar = progress_bar(0, options.progress, task.name)
+        bar = progress_bar(options.n_iter * task.passes() * (len(sigmas) - 1), options.progress, task.name)
         run = Run(model, options, (height, width), shape, sigmas, generator, cond, uncond, bar)
-        bar.total = options.n_iter * task.passes(run) * (len(sigmas) - 1)
         task.prepare(run)
         fixed = _fixed_noise(run)
         latents, images, per_image = [], [], []

@@ -278,7 +278,7 @@ class Upscale(Task):
             "Tile overlap": self.tile_overlap if tiled else None,
         }
 
-    def passes(self, run: Run) -> int:
+    def passes(self) -> int:
         return len(self.pieces)
 
     def before_noise(self, run: Run, iteration: int) -> None:

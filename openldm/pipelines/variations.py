@@ -45,7 +45,7 @@ class Variations(Task):
     embedder: ImageEmbedder | None = None
     name = "variations"
     variants = ("unclip",)
-    needs = "image variations need an unCLIP model"
+    needs = "variations need an unCLIP model (such as sd21-unclip-h)"
     picture: Image.Image | None = field(init=False, default=None, repr=False)
     y: torch.Tensor = field(init=False, repr=False)
 

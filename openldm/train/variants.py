@@ -79,7 +79,7 @@ from openldm.train.losses import diffusion_loss
 if TYPE_CHECKING:
     import argparse
 
-    from openldm.checkpoints.load import StableDiffusion
+    from openldm.checkpoints.load import Networks
     from openldm.nn.vae import AutoencoderKL
 
 log = logging.getLogger("openldm")
@@ -330,7 +330,7 @@ def _posteriors(
 
 @torch.no_grad()
 def build_variant_cache(
-    recipe: VariantRecipe, model: StableDiffusion, dataset: ShapesDataset, batch_size: int = 32
+    recipe: VariantRecipe, model: Networks, dataset: ShapesDataset, batch_size: int = 32
 ) -> VariantCache:
     """Encode dataset images ``0 .. cache_size-1`` (and for inpainting their masked copies)."""
     vae = model.vae
@@ -487,7 +487,7 @@ class Base:
     """The base model (float32, frozen) and what identifies it: a fingerprint of its file's VAE and text
     encoder tensors and of the UNet tensors a variant ``inherited`` from it, and the file's name."""
 
-    model: StableDiffusion
+    model: Networks
     fingerprint: str
     file: str
     inherited: tuple[str, ...] = ()

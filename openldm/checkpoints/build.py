@@ -1,0 +1,66 @@
+"""Building a network from a checkpoint's tensors: on the meta device (nothing initialised, nothing
+copied), every key and shape checked and named before ``load_state_dict(strict=True, assign=True)``.
+The three networks and the extras (the depth estimator, the CLIP image encoder) are built the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from openldm.checkpoints.errors import CorruptCheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def build_network(
+    cls: type[nn.Module],
+    config: Any,
+    sd: StateDict,
+    what: str,
+    source: str,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+) -> Any:
+    with torch.device("meta"):
+        model = cls(config)
+    check_keys(model, sd, what, source)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    # Loaded networks are for inference: no gradients until a training loop asks for them.
+    return model.requires_grad_(False).eval().to(device)
+
+
+def check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str) -> None:
+    """Missing, unexpected and misshapen tensors, named, before ``load_state_dict`` sees them."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {examples(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {examples(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes {examples(shapes)}")
+    if problems:
+        raise CorruptCheckpointError(
+            source,
+            f"the {what} weights do not fit the {what} they describe (key names without the file's prefix): "
+            + "; ".join(problems),
+            "The file is incomplete or modified; use the original file, or pass config=/preset= if the "
+            "sizes were read wrongly",
+        )
+
+
+def examples(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
