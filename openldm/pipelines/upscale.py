@@ -65,6 +65,7 @@ MIN_TILE = 16
 # The reference's x4-upscaling.yaml: low_scale_config.params.
 REFERENCE_BETAS = (0.0001, 0.02, 1000)
 REFERENCE_MAX_NOISE_LEVEL = 350
+DEFAULT_NOISE_LEVEL = 20  # the reference's and diffusers' default
 # diffusers' DDPMScheduler defaults, for keys a low_res_scheduler config leaves out.
 _DDPM_DEFAULTS: dict[str, Any] = {
     "beta_start": 0.0001,
@@ -233,7 +234,7 @@ class Upscale(Task):
     level as the class label; sampled and decoded tile by tile (one tile: the whole image)."""
 
     image: LowResImage
-    noise_level: int = 20
+    noise_level: int = DEFAULT_NOISE_LEVEL
     tile: int | None = None
     tile_overlap: int | None = None
     image_noise: torch.Tensor | None = None
@@ -309,7 +310,7 @@ def upscale(
     image: LowResImage,
     negative_prompt: Prompt = "",
     *,
-    noise_level: int = 20,
+    noise_level: int = DEFAULT_NOISE_LEVEL,
     tile: int | None = None,
     tile_overlap: int | None = None,
     image_noise: torch.Tensor | None = None,
