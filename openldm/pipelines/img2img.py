@@ -70,13 +70,8 @@ class Img2Img(Task):
         if len(run.sigmas) == 1:
             x = self.latent.clone()
         else:
-            x = run.sample(noised(self.latent, run, unit), extra=self.extra)
+            x = run.sample(run.start(unit, self.latent), extra=self.extra)
         return x, run.decode(x)
-
-
-def noised(latent: torch.Tensor, run: Run, unit: torch.Tensor) -> torch.Tensor:
-    """``latent`` noised to the first sigma of the run: ``z + sigma * noise``."""
-    return latent + float(run.sigmas[0]) * unit
 
 
 def img2img(

@@ -51,7 +51,7 @@ from openldm.pipelines.common import (
     check_strength,
     strength_sigmas,
 )
-from openldm.pipelines.img2img import InitImage, noised, prepare_init_image
+from openldm.pipelines.img2img import InitImage, prepare_init_image
 from openldm.pipelines.options import GenerationOptions, Prompt, build_options
 from openldm.pipelines.run import Run, Task, generate
 
@@ -79,21 +79,19 @@ class Inpaint(Task):
     encodes = True
     init: WorkingImage = field(init=False, repr=False)
     repaint: torch.Tensor = field(init=False, repr=False)  # [1, 1, H, W], 1 = repaint
-    channels: bool = field(init=False, default=False)  # the UNet takes [mask, masked latent]
-    extra: dict[str, torch.Tensor] | None = field(init=False, default=None, repr=False)
     mask_latent: torch.Tensor = field(init=False, repr=False)
-    latent: torch.Tensor | None = field(init=False, default=None, repr=False)
+    latent: torch.Tensor | None = field(init=False, default=None, repr=False)  # the init image's
+    extra: dict[str, torch.Tensor] | None = field(init=False, default=None, repr=False)  # 9 channels
+    channels: bool = field(init=False, default=False)  # the UNet also reads [mask, masked latent]
 
     def __post_init__(self) -> None:
         check_strength(self.strength)
 
     def image_size(self, model: Model, options: GenerationOptions) -> tuple[int, int]:
-        self.init = prepare_image(
-            self.image, options.width, options.height, model.spec.vae.downsampling_factor
-        )
+        multiple = model.spec.vae.downsampling_factor
+        self.init = prepare_image(self.image, options.width, options.height, multiple)
         height, width = self.init.tensor.shape[-2:]
         self.repaint = prepare_mask(self.mask, width, height, self.init.source_size)
-        self.channels = model.spec.unet.in_channels > model.spec.vae.embed_dim
         return height, width
 
     def settings(self) -> dict[str, Any]:
@@ -103,24 +101,21 @@ class Inpaint(Task):
         return strength_sigmas(sigmas, steps, self.strength)
 
     def prepare(self, run: Run) -> None:
-        self.extra = None  # the masked image is encoded at the first repeat of every run
         self.mask_latent = latent_mask(self.repaint, run.shape[-2:]).to(run.device)
-        from_noise = self.strength == 1.0
-        self.latent = None if self.channels and from_noise else run.encode(self.init.tensor)
+        self.channels = run.model.spec.unet.in_channels > run.model.spec.vae.embed_dim
+        self.extra = None  # encoded at the first repeat, after its starting noise, as diffusers does
+        self.latent = None if self.channels and self.strength == 1.0 else run.encode(self.init.tensor)
 
     def denoise(self, run: Run, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.channels and self.extra is None:  # encoded after the first starting noise, as diffusers
+        if self.channels and self.extra is None:
             masked = run.encode(masked_images(self.init.tensor, self.repaint))
             self.extra = {"c_concat": torch.cat([self.mask_latent, masked], dim=1)}
         blend = None if self.channels else LatentBlend(_required(self.latent), self.mask_latent >= 0.5, unit)
         if len(run.sigmas) == 1:
             x = _required(self.latent).expand(run.shape).clone()
-        elif self.strength == 1.0:
-            x = run.sample(
-                unit * run.options.sampler_info.initial_sigma(run.sigmas), extra=self.extra, hook=blend
-            )
         else:
-            x = run.sample(noised(_required(self.latent), run, unit), extra=self.extra, hook=blend)
+            start = run.start(unit, None if self.strength == 1.0 else _required(self.latent))
+            x = run.sample(start, extra=self.extra, hook=blend)
         x = x if blend is None else blend.finish(x)
         return x, run.decode(x)
 

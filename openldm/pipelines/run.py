@@ -79,6 +79,13 @@ class Run:
             return None
         return decode(self.model, latents, self.options.precision)
 
+    def start(self, unit: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """Where sampling starts: the unit noise at the sampler's first sigma, or ``latent`` noised to
+        the first sigma of the run (img2img's ``z + sigma * noise``)."""
+        if latent is None:
+            return unit * self.options.sampler_info.initial_sigma(self.sigmas)
+        return latent + float(self.sigmas[0]) * unit
+
     def sample(
         self,
         x: torch.Tensor,
@@ -151,7 +158,7 @@ class Task:
 
     def denoise(self, run: Run, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One repeat from its unit starting noise: (final latents, decoded images or None)."""
-        x = run.sample(unit * run.options.sampler_info.initial_sigma(run.sigmas))
+        x = run.sample(run.start(unit))
         return x, run.decode(x)
 
     def finish(self, result: Generation) -> Generation:

@@ -10,6 +10,7 @@ two tiles overlap their outputs cross-fade and elsewhere each pixel comes from e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,3 +101,28 @@ class Blender:
 
     def result(self) -> torch.Tensor:
         return self.sum / self.weight
+
+
+def crop(x: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """The part of ``x`` (its last two dimensions) that ``tile`` covers."""
+    return x[..., tile.top : tile.top + tile.height, tile.left : tile.left + tile.width]
+
+
+def tile_by_tile(
+    pieces: list[Tile],
+    latent_shape: tuple[int, ...],
+    image_shape: tuple[int, ...] | None,
+    scale: int,
+    device: torch.device,
+    run_tile: Callable[[Tile], tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``run_tile(tile) -> (latents, decoded images or None)`` for every tile, cross-faded into the
+    latents of ``latent_shape`` and the images of ``image_shape`` (None: nothing decoded)."""
+    latents = Blender(latent_shape, pieces, 1, device)
+    images = Blender(image_shape, pieces, scale, device) if image_shape is not None else None
+    for piece in pieces:
+        latent, decoded = run_tile(piece)
+        latents.add(piece, latent)
+        if images is not None and decoded is not None:
+            images.add(piece, decoded)
+    return latents.result(), images.result() if images is not None else None

@@ -48,7 +48,7 @@ from openldm.images import load_image, pil_to_tensor
 from openldm.pipelines.common import Generation, Model
 from openldm.pipelines.options import GenerationOptions, Prompt, build_options
 from openldm.pipelines.run import Run, Task, generate
-from openldm.pipelines.tiles import Blender, Tile, tiles
+from openldm.pipelines.tiles import Tile, crop, tile_by_tile, tiles
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -176,6 +176,14 @@ def _whole(name: str, value: Any, low: int) -> int:
     return value
 
 
+def checked_schedule(model: Model, noise_level: int) -> LowResSchedule:
+    """The model's low-res schedule, with ``noise_level`` checked against it and the UNet's labels."""
+    schedule = low_res_schedule(model)
+    classes = model.spec.unet.num_classes
+    check_noise_level(noise_level, schedule, classes if isinstance(classes, int) else 0)
+    return schedule
+
+
 def check_noise_level(noise_level: int, schedule: LowResSchedule, classes: int) -> None:
     top = min(schedule.max_noise_level, schedule.alphas_cumprod.numel() - 1, classes - 1)
     if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
@@ -200,8 +208,9 @@ def check_tiling(tile: int | None, overlap: int | None) -> tuple[int | None, int
     return tile, overlap
 
 
-def prepare_low_res(image: LowResImage) -> torch.Tensor:
-    """The low-res image as a float32 tensor [1, 3, h, w] in [-1, 1], at least 8 pixels a side."""
+def prepare_low_res(image: LowResImage, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The low-res image as a float32 tensor [1, 3, h, w] in [-1, 1], at least 8 pixels a side; its
+    given augmentation ``noise`` must have its shape."""
     if isinstance(image, str | os.PathLike):
         image = load_image(image)
     if isinstance(image, Image.Image):
@@ -218,14 +227,12 @@ def prepare_low_res(image: LowResImage) -> torch.Tensor:
         raise ValueError(
             f"the low-res image is {width}x{height}; it must be at least {MIN_SIDE} pixels a side"
         )
+    if noise is not None and tuple(noise.shape) != (1, 3, height, width):
+        raise ValueError(f"image_noise must have shape {[1, 3, height, width]}, got {list(noise.shape)}")
     return tensor
 
 
 # --- the pipeline ------------------------------------------------------------------------------
-
-
-def _crop(x: torch.Tensor, tile: Tile) -> torch.Tensor:
-    return x[..., tile.top : tile.top + tile.height, tile.left : tile.left + tile.width]
 
 
 @dataclass
@@ -252,32 +259,19 @@ class Upscale(Task):
     def image_size(self, model: Model, options: GenerationOptions) -> tuple[int, int]:
         if options.width is not None or options.height is not None:
             raise ValueError("upscale's output is 4x the image's size; it takes no width or height")
-        self.augmentation = low_res_schedule(model)
-        classes = model.spec.unet.num_classes
-        check_noise_level(self.noise_level, self.augmentation, classes if isinstance(classes, int) else 0)
-        self.low_res = prepare_low_res(self.image)
+        self.augmentation = checked_schedule(model, self.noise_level)
+        self.low_res = prepare_low_res(self.image, self.image_noise)
         height, width = (int(side) for side in self.low_res.shape[-2:])
-        if self.image_noise is not None and tuple(self.image_noise.shape) != (1, 3, height, width):
-            raise ValueError(
-                f"image_noise must have shape {[1, 3, height, width]}, got {list(self.image_noise.shape)}"
-            )
         self.pieces = tiles(height, width, self.tile or max(height, width), self.tile_overlap or 0)
         factor = model.spec.vae.downsampling_factor
         return height * factor, width * factor
 
     def tile_latent(self, size: tuple[int, int]) -> tuple[int, int] | None:
-        if self.tile is None:
-            return None
-        height, width = self.low_res.shape[-2:]
-        return min(self.tile, int(height)), min(self.tile, int(width))
+        return (self.pieces[0].height, self.pieces[0].width) if self.tile is not None else None
 
     def settings(self) -> dict[str, Any]:
-        tiled = self.tile is not None
-        return {
-            "Noise level": self.noise_level,
-            "Tile size": self.tile,
-            "Tile overlap": self.tile_overlap if tiled else None,
-        }
+        overlap = self.tile_overlap if self.tile is not None else None
+        return {"Noise level": self.noise_level, "Tile size": self.tile, "Tile overlap": overlap}
 
     def passes(self) -> int:
         return len(self.pieces)
@@ -285,23 +279,19 @@ class Upscale(Task):
     def before_noise(self, run: Run, iteration: int) -> None:
         # The low-res image's noise is drawn before the starting latents (diffusers' order).
         augment = self.image_noise if self.image_noise is not None else run.draw((1, *self.low_res.shape[1:]))
-        self.noised = self.augmentation.add_noise(
-            self.low_res.to(run.device), augment.to(run.device), self.noise_level
-        )
+        low_res, augment = self.low_res.to(run.device), augment.to(run.device)
+        self.noised = self.augmentation.add_noise(low_res, augment, self.noise_level)
 
     def denoise(self, run: Run, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        label, start = torch.tensor([self.noise_level], dtype=torch.long), run.start(unit)
+
+        def run_tile(piece: Tile) -> tuple[torch.Tensor, torch.Tensor | None]:
+            x = run.sample(crop(start, piece), extra={"c_concat": crop(self.noised, piece), "y": label})
+            return x, run.decode(x)
+
+        images = (run.batch, 3, *run.size) if run.options.output_type != "latent" else None
         factor = run.model.spec.vae.downsampling_factor
-        latents = Blender(run.shape, self.pieces, 1, run.device)
-        pixels = Blender((run.batch, 3, *run.size), self.pieces, factor, run.device)
-        label = torch.tensor([self.noise_level], dtype=torch.long)
-        start = unit * run.options.sampler_info.initial_sigma(run.sigmas)
-        for piece in self.pieces:
-            x = run.sample(_crop(start, piece), extra={"c_concat": _crop(self.noised, piece), "y": label})
-            latents.add(piece, x)
-            decoded = run.decode(x)
-            if decoded is not None:
-                pixels.add(piece, decoded)
-        return latents.result(), pixels.result() if run.options.output_type != "latent" else None
+        return tile_by_tile(self.pieces, run.shape, images, factor, run.device, run_tile)
 
 
 def upscale(
@@ -334,7 +324,3 @@ def upscale(
     """
     task = Upscale(image, noise_level, tile, tile_overlap, image_noise)
     return generate(model, task, build_options(prompt, negative_prompt, options, DEFAULTS))
-
-
-def _crop(x: torch.Tensor, tile: Tile) -> torch.Tensor:
-    return x[..., tile.top : tile.top + tile.height, tile.left : tile.left + tile.width]

@@ -74,8 +74,7 @@ class Variations(Task):
 
     def denoise(self, run: Run, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The unconditional branch sees y = 0, as the reference's unCLIP script and diffusers.
-        start = unit * run.options.sampler_info.initial_sigma(run.sigmas)
-        x = run.sample(start, extra={"y": self.y}, extra_uncond={"y": torch.zeros_like(self.y)})
+        x = run.sample(run.start(unit), extra={"y": self.y}, extra_uncond={"y": torch.zeros_like(self.y)})
         return x, run.decode(x)
 
 
