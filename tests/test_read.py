@@ -15,7 +15,8 @@ import safetensors.torch
 import torch
 
 from openldm.checkpoints.errors import CorruptCheckpointError, UnsafeCheckpointError
-from openldm.checkpoints.read import MetadataPlaceholder, read_state_dict, read_torch_zip
+from openldm.checkpoints.pickle_machine import Placeholder
+from openldm.checkpoints.read import read_state_dict, read_torch_zip
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -245,7 +246,7 @@ def test_lightning_callbacks_load_without_lightning(tmp_path: Path, monkeypatch:
     assert not any(name in sys.modules for name in names)
     full = read_torch_zip(path)
     (key,) = full["callbacks"]
-    assert issubclass(key, MetadataPlaceholder)
+    assert issubclass(key, Placeholder)
     assert key.qualified_name == "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
     assert float(full["callbacks"][key]["best_model_score"]) == pytest.approx(0.1)
     (logged,) = full["loggers"]

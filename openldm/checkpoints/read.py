@@ -3,44 +3,53 @@
 Two containers are supported, recognised by their first bytes (the suffix is only used in messages):
 
 * ``.safetensors``: memory-mapped through the ``safetensors`` library; nothing is copied until used.
-* PyTorch's zip format (``.ckpt``, ``.pt``, ``.bin``): the ``data.pkl`` pickle is read by
-  :class:`RestrictedUnpickler`, written here. Its ``find_class`` maps an explicit allowlist of names
-  onto functions of this module (it never imports or calls what the file names); every other name is
-  refused with :class:`UnsafeCheckpointError` before anything happens. Tensor data (the ``data/N``
-  entries of the zip) stays memory-mapped: the file is mapped once, copy-on-write, and each tensor is
-  a view into that mapping, so a 5 GB checkpoint costs no more memory than the tensors touched.
+* PyTorch's zip format (``.ckpt``, ``.pt``, ``.bin``): the ``data.pkl`` pickle is run by
+  :class:`~openldm.checkpoints.pickle_machine.PickleMachine`, a machine of this package's that knows
+  the opcodes checkpoints use and nothing else. Globals come from an explicit allowlist of names mapped
+  onto functions of this module (nothing the file names is imported or called); every other name is
+  refused with :class:`UnsafeCheckpointError` before anything happens; nothing shared between loads can
+  be changed by a file. Tensor data (the ``data/N`` entries of the zip) stays memory-mapped: the file
+  is mapped once, copy-on-write, and each tensor is a view into that mapping (its size, strides and
+  offset checked against the storage first), so a 5 GB checkpoint costs no more memory than the
+  tensors touched.
 
 ``torch.load`` is not used, not even with ``weights_only=True``: the allowlist here is short enough to
 audit, and it needs one extra rule for real Stable Diffusion 1.x files. Those were saved by PyTorch
 Lightning and pickle Lightning's ``ModelCheckpoint`` class (and sometimes numpy scalars) in their
-``callbacks`` metadata. The names in :data:`PLACEHOLDER_NAMES` are replaced by inert
-:class:`MetadataPlaceholder` types that only record the pickled arguments and state; the metadata is
-then dropped, and a placeholder anywhere in the returned state dict is an error.
+``callbacks`` metadata. The names in :data:`PLACEHOLDER_NAMES` become inert
+:class:`~openldm.checkpoints.pickle_machine.Placeholder` types, made anew for every load, that only
+record the pickled arguments and state; the metadata is then dropped, and a placeholder anywhere in the
+returned state dict is an error.
 """
 
 from __future__ import annotations
 
-import io
+import math
 import os
-import pickle
 import struct
 import sys
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from openldm.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from openldm.checkpoints.pickle_machine import Globals, PickleMachine, PickleRejected, describe
 
 StateDict = dict[str, torch.Tensor]
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header, 30 bytes
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+MAX_PICKLE_BYTES = 256 * 1024 * 1024  # data.pkl: an SD checkpoint's is under 1 MB, with optimizer state tens
+MAX_STORAGE_BYTES = 64 * 1024**3  # one deflated tensor entry, decompressed
+MAX_DEFLATE_RATIO = 1032  # deflate cannot compress more than about 1032:1
+MAX_DIMS = 16
 _REDOWNLOAD = "Download it again (the transfer may have been cut short) or check that it is the right file"
 
 
@@ -118,38 +127,48 @@ def read_safetensors(path: str | os.PathLike[str]) -> StateDict:
 
 
 def read_torch_zip(path: str | os.PathLike[str]) -> Any:
-    """The whole object pickled in a PyTorch zip file, through :class:`RestrictedUnpickler`.
+    """The whole object pickled in a PyTorch zip file, through :class:`~openldm.checkpoints.
+    pickle_machine.PickleMachine` with this module's allowlist.
 
-    Metadata may contain :class:`MetadataPlaceholder` objects; :func:`read_state_dict` keeps only
-    the tensors.
+    Metadata may contain :class:`Placeholder` objects; :func:`read_state_dict` keeps only the tensors.
     """
     path = Path(path)
     records = _ZipRecords(path)
-    unpickler = RestrictedUnpickler(io.BytesIO(records.read("data.pkl")), records)
+    data = records.read("data.pkl", MAX_PICKLE_BYTES)
+    machine = PickleMachine(data, _globals(path), records.persistent_load)
     try:
-        return unpickler.load()
+        return machine.run()
     except CheckpointError:
         raise
-    except Exception as e:  # anything the pickle machinery or a rebuild function rejects
+    except (PickleRejected, ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as e:
+        # PickleRejected: the machine; the others: a rebuild function given arguments it refuses.
         raise CorruptCheckpointError(
             path, f"the pickle in the checkpoint is malformed ({e})", _REDOWNLOAD
-        ) from e
+        ) from None
 
 
 # --- the zip container -------------------------------------------------------------------------
 
 
 class _ZipRecords:
-    """The entries of a PyTorch zip archive (``<name>/data.pkl``, ``<name>/data/<key>``, ...)."""
+    """The entries of a PyTorch zip archive (``<name>/data.pkl``, ``<name>/data/<key>``, ...).
+
+    Only stored and deflated entries are read (``torch.save`` stores; other writers may deflate),
+    never encrypted ones; an entry's declared size is checked against its cap before anything is
+    read, and the read stops at that size.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = path.stat().st_size
         try:
             self.zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CorruptCheckpointError(path, f"damaged or truncated zip archive ({e})", _REDOWNLOAD) from e
-        pickles = [n for n in self.zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            names = self.zip.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, UnicodeDecodeError) as e:
+            raise CorruptCheckpointError(
+                path, f"damaged or truncated zip archive ({e})", _REDOWNLOAD
+            ) from None
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise CorruptCheckpointError(
                 path,
@@ -157,19 +176,57 @@ class _ZipRecords:
                 _REDOWNLOAD,
             )
         self.prefix = pickles[0][: -len("data.pkl")]
+        self.names = frozenset(names)
         self._mapping: torch.UntypedStorage | None = None
         self._storages: dict[str, torch.UntypedStorage] = {}
         self._check_byteorder()
 
-    def read(self, name: str) -> bytes:
+    def _info(self, name: str) -> zipfile.ZipInfo:
         try:
-            return self.zip.read(self.prefix + name)
+            info = self.zip.getinfo(self.prefix + name)
         except KeyError:
             raise CorruptCheckpointError(
                 self.path, f"the archive has no entry {name!r}", _REDOWNLOAD
             ) from None
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise CorruptCheckpointError(self.path, f"cannot read entry {name!r} ({e})", _REDOWNLOAD) from e
+        if info.flag_bits & 0x1:
+            raise UnsafeCheckpointError(
+                self.path,
+                f"its entry {name!r} is encrypted",
+                "Use the unencrypted checkpoint as torch.save writes it",
+            )
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CorruptCheckpointError(
+                self.path,
+                f"its entry {name!r} is compressed with method {info.compress_type}; only stored and "
+                "deflated entries are read",
+                "Re-save it with torch.save, or convert it to .safetensors",
+            )
+        return info
+
+    def read(self, name: str, limit: int) -> bytes:
+        """The bytes of ``name``: at most ``limit``, as many as its header declares."""
+        info = self._info(name)
+        if info.file_size > limit:
+            raise CorruptCheckpointError(
+                self.path,
+                f"its entry {name!r} declares {info.file_size} bytes, more than the {limit} a "
+                "checkpoint needs",
+                _REDOWNLOAD,
+            )
+        try:
+            with self.zip.open(info) as entry:
+                data = entry.read(info.file_size + 1)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error) as e:
+            raise CorruptCheckpointError(
+                self.path, f"cannot read entry {name!r} ({e})", _REDOWNLOAD
+            ) from None
+        if len(data) != info.file_size:
+            raise CorruptCheckpointError(
+                self.path,
+                f"entry {name!r} holds {len(data)} bytes, its header says {info.file_size}",
+                _REDOWNLOAD,
+            )
+        return data
 
     def storage(self, key: str) -> torch.UntypedStorage:
         """The bytes of ``data/<key>``: a view into the memory-mapped file, shared between tensors."""
@@ -178,21 +235,33 @@ class _ZipRecords:
         return self._storages[key]
 
     def _load_storage(self, key: str) -> torch.UntypedStorage:
-        name = f"{self.prefix}data/{key}"
-        try:
-            info = self.zip.getinfo(name)
-        except KeyError:
-            raise CorruptCheckpointError(self.path, f"tensor data {name!r} is missing", _REDOWNLOAD) from None
+        name = f"data/{key}"
+        info = self._info(name)
         if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses; other writers might
-            return torch.frombuffer(bytearray(self.read(f"data/{key}")), dtype=torch.uint8).untyped_storage()
+            return _untyped(self.read(name, min(self.size * MAX_DEFLATE_RATIO, MAX_STORAGE_BYTES)))
         start = self._data_offset(info)
-        if start % 64:  # torch.save aligns data to 64 bytes; copy anything else rather than view it unaligned
-            return torch.frombuffer(bytearray(self.read(f"data/{key}")), dtype=torch.uint8).untyped_storage()
-        if start + info.file_size > self.size:
+        if start + info.file_size > self.size or info.compress_size != info.file_size:
             raise CorruptCheckpointError(
                 self.path, f"tensor data {name!r} runs past the end of the file", _REDOWNLOAD
             )
+        if start % 64:  # torch.save aligns data to 64 bytes; copy anything else rather than view it unaligned
+            return _untyped(self.read(name, info.file_size))
         return self._mapped()[start : start + info.file_size]
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        """A storage reference: ``("storage", storage type, key, location, numel)``, every part checked."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise PickleRejected(f"unsupported persistent id {describe(pid)}")
+        _, storage_type, key, _location, numel = pid
+        valid_key = isinstance(key, str) and 0 < len(key) <= 64 and "/" not in key and ".." not in key
+        if not isinstance(storage_type, _StorageType) or not valid_key or type(numel) is not int or numel < 0:
+            raise PickleRejected(f"malformed storage reference {describe(pid)}")
+        data = self.storage(key)
+        if data.nbytes() < numel * storage_type.dtype.itemsize:
+            raise PickleRejected(
+                f"storage {key!r} holds {data.nbytes()} bytes, {numel} elements were declared"
+            )
+        return _Storage(data, storage_type.dtype)
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         with open(self.path, "rb") as f:
@@ -210,15 +279,23 @@ class _ZipRecords:
         return self._mapping
 
     def _check_byteorder(self) -> None:
-        if self.prefix + "byteorder" not in self.zip.namelist():
+        if self.prefix + "byteorder" not in self.names:
             return  # written before PyTorch recorded it: native order, as torch.load assumes
-        order = self.read("byteorder").decode("ascii", "replace").strip()
+        order = self.read("byteorder", 16).decode("ascii", "replace").strip()
         if order != sys.byteorder:
             raise CorruptCheckpointError(
                 self.path,
-                f"tensor data is stored {order}-endian, this machine is {sys.byteorder}-endian",
+                f"tensor data is stored {describe(order)}-endian, this machine is {sys.byteorder}-endian",
                 "Convert it to .safetensors on a machine of the same byte order",
             )
+
+
+def _untyped(data: bytes) -> torch.UntypedStorage:
+    return (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage()
+        if data
+        else torch.UntypedStorage(0)
+    )
 
 
 # --- the restricted unpickler ------------------------------------------------------------------
@@ -239,31 +316,6 @@ class _Storage:
     dtype: torch.dtype
 
 
-class MetadataPlaceholder:
-    """Stands in for an allowlisted metadata class (Lightning's ``ModelCheckpoint``...).
-
-    The named class is never imported, constructed or called: the placeholder only keeps what the
-    pickle passes to it, so the metadata around the weights can be read and then dropped.
-    """
-
-    qualified_name: ClassVar[str] = ""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> MetadataPlaceholder:
-        obj = super().__new__(cls)
-        obj.args = args
-        obj.state = None
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<placeholder for {self.qualified_name}>"
-
-
 # Names replaced by inert placeholders. They only ever appear in training metadata.
 PLACEHOLDER_NAMES: frozenset[str] = frozenset(
     {
@@ -276,36 +328,32 @@ PLACEHOLDER_NAMES: frozenset[str] = frozenset(
         "_codecs.encode",
     }
 )
-_placeholder_types: dict[str, type[MetadataPlaceholder]] = {}
-
-
-def _placeholder(qualified_name: str) -> type[MetadataPlaceholder]:
-    # One type per name, so a class used as a dict key (Lightning's callbacks) stays one key.
-    if qualified_name not in _placeholder_types:
-        short = qualified_name.rsplit(".", 1)[-1]
-        _placeholder_types[qualified_name] = type(
-            short, (MetadataPlaceholder,), {"qualified_name": qualified_name}
-        )
-    return _placeholder_types[qualified_name]
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, tuple) or not all(type(v) is int for v in value):
-        raise ValueError(f"tensor {what} must be a tuple of ints, got {value!r}")
+    if not isinstance(value, tuple) or len(value) > MAX_DIMS or not all(type(v) is int for v in value):
+        raise ValueError(f"tensor {what} must be a short tuple of ints, got {describe(value)}")
     return value
 
 
 def _tensor(storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tensor:
-    """A tensor viewing ``storage``; every argument is checked before anything is built."""
+    """A tensor viewing ``storage``; every argument is checked before anything is built: the view stays
+    inside the storage and holds no more elements than the storage does (a stride-0 view cannot
+    declare 2**62 elements to be copied later)."""
     if not isinstance(storage, _Storage):
         raise ValueError(f"a tensor must be built on a storage, got {type(storage).__name__}")
     size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
-    if type(offset) is not int or offset < 0 or len(size) != len(stride) or min(size + stride, default=0) < 0:
-        raise ValueError(f"invalid tensor layout: offset {offset!r}, size {size}, stride {stride}")
+    if len(size) > MAX_DIMS or type(offset) is not int or offset < 0 or len(size) != len(stride):
+        raise ValueError(f"invalid tensor layout: offset {describe(offset)}, size {describe(size)}")
+    if min(size + stride, default=0) < 0:
+        raise ValueError(f"invalid tensor layout: size {describe(size)}, stride {describe(stride)}")
     available = storage.data.nbytes() // storage.dtype.itemsize
-    extent = 0 if 0 in size else offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
-    if extent > available:
-        raise ValueError(f"a tensor reaches element {extent} of a storage of {available}")
+    numel = math.prod(size)
+    extent = 0 if numel == 0 else offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+    if extent > available or numel > available:
+        raise ValueError(
+            f"a tensor of {numel} elements reaching element {extent} of a storage of {available}"
+        )
     return torch.empty(0, dtype=storage.dtype).set_(storage.data, offset, size, stride)
 
 
@@ -324,7 +372,7 @@ def _rebuild_tensor_v2(
 ) -> torch.Tensor:
     # requires_grad and hooks are dropped: loaded weights are plain tensors.
     if metadata:
-        raise ValueError(f"unsupported tensor metadata {metadata!r}")
+        raise ValueError(f"unsupported tensor metadata {describe(metadata)}")
     return _tensor(storage, offset, size, stride)
 
 
@@ -381,41 +429,19 @@ _GLOBALS: dict[str, Any] = {
 ALLOWED_NAMES: frozenset[str] = frozenset(_GLOBALS) | PLACEHOLDER_NAMES
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds tensors, storages and plain containers; refuses every other global.
+def _globals(path: Path) -> Globals:
+    """The allowlist: tensor rebuilding, storages, dtypes, OrderedDict; metadata names as placeholders."""
 
-    ``find_class`` is the only way a pickle reaches code, and here it is a dictionary lookup into
-    :data:`ALLOWED_NAMES`: the module a name points into is never imported.
-    """
-
-    def __init__(self, file: io.BytesIO, records: _ZipRecords) -> None:
-        super().__init__(file)
-        self.records = records
-
-    def find_class(self, module: str, name: str) -> Any:
-        qualified = f"{module}.{name}"
-        if qualified in _GLOBALS:
-            return _GLOBALS[qualified]
-        if qualified in PLACEHOLDER_NAMES:
-            return _placeholder(qualified)
-        raise UnsafeCheckpointError(
-            self.records.path,
-            f"refused to load: its pickle asks for {qualified!r}, which is not a tensor, storage or plain "
-            "container (a checkpoint that names arbitrary code can run it when loaded with torch.load)",
+    def refuse(qualified: str) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(
+            path,
+            f"refused to load: its pickle asks for {qualified[:200]!r}, which is not a tensor, storage or "
+            "plain container (a checkpoint that names arbitrary code can run it when loaded with torch.load)",
             "Get a .safetensors version of the model, or, only if you trust where the file came from, "
             "convert it in an isolated environment",
         )
 
-    def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ValueError(f"unsupported persistent id {pid!r}")
-        _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int:
-            raise ValueError(f"malformed storage reference {pid!r}")
-        data = self.records.storage(key)
-        if data.nbytes() < numel * storage_type.dtype.itemsize:
-            raise ValueError(f"storage {key!r} holds {data.nbytes()} bytes, {numel} elements were declared")
-        return _Storage(data, storage_type.dtype)
+    return Globals(_GLOBALS, PLACEHOLDER_NAMES, refuse)
 
 
 # --- from the unpickled object to a state dict -------------------------------------------------
