@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 
 from openldm.checkpoints.errors import CorruptCheckpointError, UnknownArchitectureError
+from openldm.checkpoints.read import regular_file
 from openldm.config import Variant
 
 UNET_PREFIX = "model.diffusion_model."
@@ -240,16 +241,27 @@ def _prefix_summary(sd: Mapping[str, Any], limit: int = 6) -> str:
 # --- diffusers folders -------------------------------------------------------------------------
 
 
+MAX_JSON_BYTES = 16 * 1024 * 1024  # a shard index of the largest models is a few hundred KB
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; a clear error when it is missing or malformed."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    """A JSON object from ``path`` (a regular file of at most :data:`MAX_JSON_BYTES`); a clear error
+    when it is missing, too large, malformed or nested too deep, never quoting its content."""
+    if not path.exists():
         raise CorruptCheckpointError(
             path, f"missing: a diffusers folder needs {what}", "Download the complete folder"
+        )
+    if regular_file(path) > MAX_JSON_BYTES:
+        raise CorruptCheckpointError(
+            path, f"{what} is larger than {MAX_JSON_BYTES} bytes", "Download the file again"
+        )
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
+        problem = "nested too deep" if isinstance(e, RecursionError) else type(e).__name__
+        raise CorruptCheckpointError(
+            path, f"malformed {what} ({problem})", "Download the file again"
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(path, f"malformed {what} ({e})", "Download the file again") from e
     if not isinstance(data, dict):
         raise CorruptCheckpointError(path, f"{what} is not a JSON object", "Download the file again")
     return data
@@ -287,7 +299,12 @@ def detect_diffusers(folder: str | os.PathLike[str]) -> Detection:
     unet = read_json(folder / "unet" / "config.json", "unet/config.json")
     text_path = folder / "text_encoder" / "config.json"
     text = read_json(text_path, "text_encoder/config.json") if text_path.exists() else None
-    features = diffusers_features(index, unet, text)
+    try:
+        features = diffusers_features(index, unet, text)
+    except (TypeError, ValueError) as e:  # a config value of the wrong JSON type
+        raise CorruptCheckpointError(
+            folder, f"a config holds a value of the wrong type ({e})", "Download it again"
+        ) from None
     return Detection(match(features, folder), features)
 
 

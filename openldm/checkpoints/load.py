@@ -59,9 +59,10 @@ from openldm.checkpoints.errors import (
     HubUnavailableError,
     MissingWeightsError,
     UnknownArchitectureError,
+    UnsafeCheckpointError,
 )
 from openldm.checkpoints.extras import build_extra_networks
-from openldm.checkpoints.read import read_state_dict
+from openldm.checkpoints.read import file_inside, read_state_dict
 from openldm.config import (
     PRESETS,
     ModelSpec,
@@ -105,6 +106,7 @@ DEFAULT_SCALE_FACTOR = 0.18215
 X4_SCALE_FACTOR = 0.08333
 _V_BY_DEFAULT: frozenset[str] = frozenset({"x4-upscaler", "unclip"})
 _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DIFFUSERS_CORE = frozenset({"unet", "vae", "text_encoder", "tokenizer", "scheduler"})
 # Components of diffusers folders that are never needed (and never downloaded).
@@ -598,10 +600,9 @@ def _component_weights(folder: Path, component: str, variant: str | None) -> Sta
             return read_state_dict(candidate)
         index = candidate.with_name(candidate.name + ".index.json")
         if index.is_file():
-            shards = sorted(set(read_json(index, index.name).get("weight_map", {}).values()))
             merged: StateDict = {}
-            for shard in shards:
-                merged.update(read_state_dict(sub / shard))
+            for shard in _shards(sub, index):
+                merged.update(read_state_dict(shard))
             return merged
     wanted = "diffusion_pytorch_model" if component in ("unet", "vae") else "model"
     raise MissingWeightsError(
@@ -612,12 +613,36 @@ def _component_weights(folder: Path, component: str, variant: str | None) -> Sta
     )
 
 
+def _shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` lists (``weight_map``: tensor name -> file), each checked to
+    be a regular file inside ``folder``."""
+    weight_map = read_json(index, index.name).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(
+            index, "its weight_map is not a non-empty JSON object", _REDOWNLOAD_INDEX
+        )
+    if not all(isinstance(name, str) for name in weight_map.values()):
+        raise CorruptCheckpointError(
+            index, "its weight_map names a file with a value that is not a string", _REDOWNLOAD_INDEX
+        )
+    return [file_inside(folder, name, index.name) for name in sorted(set(weight_map.values()))]
+
+
+_REDOWNLOAD_INDEX = "Download the index file again"
+
+
 def _diffusers_extras(folder: Path, variant: str | None) -> dict[str, StateDict]:
     index = read_json(folder / "model_index.json", "model_index.json")
     extras: dict[str, StateDict] = {}
     for name, value in index.items():
         if name.startswith("_") or name in _DIFFUSERS_CORE | _DIFFUSERS_UNUSED or not isinstance(value, list):
             continue
+        if not _COMPONENT_NAME.fullmatch(name):  # a component is a folder of this one, named plainly
+            raise UnsafeCheckpointError(
+                folder / "model_index.json",
+                f"it names a component {name[:80]!r}, which is not a plain folder name",
+                "Use the folder as published",
+            )
         if (folder / name).is_dir() and any(c.is_file() for c in _weight_candidates(folder / name, variant)):
             extras[name] = _component_weights(folder, name, variant)
     return extras
@@ -744,7 +769,7 @@ def _convert(source: str | os.PathLike[str], what: str, fn: Any, *args: Any) -> 
         return fn(*args)
     except CheckpointError:
         raise
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # TypeError: a config value of the wrong JSON type
         raise UnknownArchitectureError(
             source, f"the {what} cannot be read ({e})", "Check that this is a Stable Diffusion checkpoint"
         ) from e

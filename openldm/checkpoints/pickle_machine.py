@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-_MARK = object()  # the stack's mark (pushed by MARK, popped by the opcodes that collect items)
+_STRUCTS: dict[str, struct.Struct] = {}
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 2, 40, 40, 4, 4
 _SHORT.maxtuple = 4
@@ -108,8 +108,12 @@ class PickleMachine:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> Any:
+        data, size = self.data, len(self.data)
         while True:
-            code = self._read(1)[0]
+            if self.pos >= size:
+                raise PickleRejected("the pickle ends without STOP")
+            code = data[self.pos]
+            self.pos += 1
             op = _OPCODES.get(code)
             if op is None:
                 raise PickleRejected(
@@ -129,8 +133,12 @@ class PickleMachine:
         return chunk
 
     def _unpack(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self._read(size))[0]
+        layout = _STRUCTS.get(fmt) or _STRUCTS.setdefault(fmt, struct.Struct(fmt))
+        if self.pos + layout.size > len(self.data):
+            raise PickleRejected(f"the pickle ends in the middle of an opcode (byte {self.pos})")
+        value = layout.unpack_from(self.data, self.pos)[0]
+        self.pos += layout.size
+        return value
 
     def _line(self) -> str:
         end = bytes(self.data[self.pos : self.pos + 1024]).find(b"\n")

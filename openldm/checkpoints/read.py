@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 import sys
 import zipfile
@@ -34,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -66,20 +67,70 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
     return _tensors_only(_unwrap(read_torch_zip(path)), path)
 
 
-def sniff(path: Path) -> str:
-    """``"safetensors"`` or ``"torch-zip"`` from the first bytes; a clear error for anything else."""
+def regular_file(path: Path) -> int:
+    """The size of ``path``, which must be a regular file (a FIFO or a device would hang or never end
+    a read); a :class:`CorruptCheckpointError` otherwise."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(512)
+        info = path.stat()
     except FileNotFoundError:
         raise CorruptCheckpointError(path, "no such file", "Check the path") from None
-    except IsADirectoryError:
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(path, f"cannot be read ({type(e).__name__})", "Check the path") from None
+    if stat.S_ISDIR(info.st_mode):
         raise CorruptCheckpointError(
             path,
             "is a folder, not a checkpoint file",
             "Pass the file inside it, or a diffusers folder to load()",
-        ) from None
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise CorruptCheckpointError(path, "is not a regular file (a pipe or a device?)", "Pass a file")
+    return info.st_size
+
+
+def file_inside(folder: Path, name: Any, what: str) -> Path:
+    """``folder / name`` for a file name read from the folder's own JSON: relative, inside ``folder``
+    once every symlink is resolved, and a regular file. Its content never appears in an error."""
+    if not isinstance(name, str) or not name or "\0" in name or len(name) > 4096:
+        raise CorruptCheckpointError(
+            folder, f"{what} names a file as {describe(name)}", "Download the folder again"
+        )
+    path = folder / name
+    escapes = Path(name).is_absolute() or ".." in Path(name).parts
+    try:
+        target, root = path.resolve(strict=True), _root_of(folder.resolve(strict=True))
+        inside = not escapes and target.is_relative_to(root)
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        missing = f"{what} names {describe(name)}, which is missing"
+        raise CorruptCheckpointError(folder, missing, _REDOWNLOAD) from None
+    if not inside:
+        raise UnsafeCheckpointError(
+            folder,
+            f"{what} names {describe(name)}, which lies outside the folder",
+            "Use the folder as published; a file list that points elsewhere is not read",
+        )
+    regular_file(path)
+    return path
+
+
+def _root_of(folder: Path) -> Path:
+    """Where a folder's files may resolve to: the folder itself, or for a snapshot in the Hugging Face
+    cache (``models--org--name/snapshots/<revision>/...``, files linked to ``../../blobs/<hash>``) that
+    repository's cache folder."""
+    parts = folder.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            return Path(*parts[:i])
+    return folder
+
+
+def sniff(path: Path) -> str:
+    """``"safetensors"`` or ``"torch-zip"`` from the first bytes; a clear error for anything else."""
+    size = regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise CorruptCheckpointError(path, f"cannot be read ({e.strerror})", "Check the path") from None
     if size == 0:
         raise CorruptCheckpointError(path, "the file is empty (0 bytes)", _REDOWNLOAD)
     if head[:4] in _ZIP_MAGIC:
@@ -110,9 +161,23 @@ def sniff(path: Path) -> str:
         )
     raise CorruptCheckpointError(
         path,
-        f"not a safetensors or PyTorch checkpoint (it starts with {head[:16]!r})",
+        f"not a safetensors or PyTorch checkpoint (it looks like {_looks_like(head)})",
         "Check that the file is a model checkpoint and was downloaded completely",
     )
+
+
+def _looks_like(head: bytes) -> str:
+    """What the first bytes suggest, without quoting them (the file may be anything, even secret)."""
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page: a download that returned an error page?"
+    if text.startswith((b"{", b"[")):
+        return "JSON text"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of an unknown kind"
+    return "text"
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> StateDict:
@@ -134,10 +199,9 @@ def read_torch_zip(path: str | os.PathLike[str]) -> Any:
     """
     path = Path(path)
     records = _ZipRecords(path)
-    data = records.read("data.pkl", MAX_PICKLE_BYTES)
-    machine = PickleMachine(data, _globals(path), records.persistent_load)
     try:
-        return machine.run()
+        data = records.read("data.pkl", MAX_PICKLE_BYTES)
+        return PickleMachine(data, _globals(path), records.persistent_load).run()
     except CheckpointError:
         raise
     except (PickleRejected, ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as e:
@@ -145,6 +209,8 @@ def read_torch_zip(path: str | os.PathLike[str]) -> Any:
         raise CorruptCheckpointError(
             path, f"the pickle in the checkpoint is malformed ({e})", _REDOWNLOAD
         ) from None
+    finally:
+        records.close()
 
 
 # --- the zip container -------------------------------------------------------------------------
@@ -164,7 +230,14 @@ class _ZipRecords:
         try:
             self.zip = zipfile.ZipFile(path)
             names = self.zip.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, UnicodeDecodeError) as e:
+        except (
+            zipfile.BadZipFile,
+            OSError,
+            EOFError,
+            ValueError,
+            UnicodeDecodeError,
+            NotImplementedError,
+        ) as e:
             raise CorruptCheckpointError(
                 path, f"damaged or truncated zip archive ({e})", _REDOWNLOAD
             ) from None
@@ -179,7 +252,13 @@ class _ZipRecords:
         self.names = frozenset(names)
         self._mapping: torch.UntypedStorage | None = None
         self._storages: dict[str, torch.UntypedStorage] = {}
+        self._file: BinaryIO | None = None
         self._check_byteorder()
+
+    def close(self) -> None:
+        self.zip.close()
+        if self._file is not None:
+            self._file.close()
 
     def _info(self, name: str) -> zipfile.ZipInfo:
         try:
@@ -216,7 +295,15 @@ class _ZipRecords:
         try:
             with self.zip.open(info) as entry:
                 data = entry.read(info.file_size + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error) as e:
+        except (
+            zipfile.BadZipFile,
+            OSError,
+            EOFError,
+            ValueError,
+            RuntimeError,
+            NotImplementedError,
+            zlib.error,
+        ) as e:
             raise CorruptCheckpointError(
                 self.path, f"cannot read entry {name!r} ({e})", _REDOWNLOAD
             ) from None
@@ -264,9 +351,10 @@ class _ZipRecords:
         return _Storage(data, storage_type.dtype)
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            raw = f.read(_LOCAL_HEADER.size)
+        if self._file is None:  # one handle for every entry's local header
+            self._file = open(self.path, "rb")  # noqa: SIM115 (closed with the records)
+        self._file.seek(info.header_offset)
+        raw = self._file.read(_LOCAL_HEADER.size)
         if len(raw) != _LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":
             raise CorruptCheckpointError(self.path, f"damaged zip entry {info.filename!r}", _REDOWNLOAD)
         fields = _LOCAL_HEADER.unpack(raw)
@@ -298,7 +386,7 @@ def _untyped(data: bytes) -> torch.UntypedStorage:
     )
 
 
-# --- the restricted unpickler ------------------------------------------------------------------
+# --- what the pickle may name ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

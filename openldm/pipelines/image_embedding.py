@@ -101,7 +101,7 @@ class ImageEmbedder:
 
 def read_embedding_stats(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of CLIP image embeddings from a file: the reference's ``ViT-L-14_stats.th`` (a pickled
-    pair of tensors, read by the restricted unpickler: no code runs) or a safetensors file with ``mean``
+    pair of tensors, read by the checkpoint pickle machine: no code runs) or a safetensors file with ``mean``
     and ``std``."""
     from openldm.checkpoints.read import read_safetensors, read_torch_zip, sniff
 
