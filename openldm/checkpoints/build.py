@@ -61,6 +61,7 @@ def check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, sour
         )
 
 
-def examples(items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in items[:limit])
+def examples(items: list[str], limit: int = 5, width: int = 120) -> str:
+    """The first ``limit`` items, each cut to ``width`` characters (names come from the file)."""
+    shown = ", ".join(repr(k if len(k) <= width else k[:width] + "...") for k in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

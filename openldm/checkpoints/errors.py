@@ -6,6 +6,19 @@ Every message names the file (or folder, or hub id) and says what to do about th
 from __future__ import annotations
 
 import os
+import reprlib
+
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxstring, _EXCERPT.maxother = 2, 60, 60
+_EXCERPT.maxlist = _EXCERPT.maxtuple = _EXCERPT.maxdict = 4
+
+
+def excerpt(value: object) -> str:
+    """A bounded repr of a value read from a file, for error messages (a file may hold megabytes)."""
+    try:
+        return _EXCERPT.repr(value)
+    except Exception:  # a repr that fails is still named by its type
+        return f"<{type(value).__name__}>"
 
 
 class CheckpointError(Exception):

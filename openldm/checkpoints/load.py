@@ -60,6 +60,7 @@ from openldm.checkpoints.errors import (
     MissingWeightsError,
     UnknownArchitectureError,
     UnsafeCheckpointError,
+    excerpt,
 )
 from openldm.checkpoints.extras import build_extra_networks
 from openldm.checkpoints.read import file_inside, read_state_dict
@@ -251,7 +252,7 @@ def _with_base(sd: StateDict, path: Path, base: str | os.PathLike[str] | None) -
         raise MissingWeightsError(
             path,
             "it holds only a UNet (a variant file); its VAE and text encoder are in its base model "
-            f"{metadata.get(variant_files.FILE_KEY, '')!r}",
+            f"{excerpt(metadata.get(variant_files.FILE_KEY, ''))}",
             "Pass the base checkpoint it was trained on: load(path, base=FILE) or --base FILE",
         )
     return variant_files.merge_with_base(sd, metadata, read_state_dict(Path(base)), path)
@@ -326,7 +327,9 @@ def _apply_openldm_metadata(
     prediction = metadata.get("openldm.prediction_type")
     if prediction is not None:
         if prediction not in ("eps", "v"):
-            raise CorruptCheckpointError(path, f"metadata names prediction type {prediction!r}", _REEXPORT)
+            raise CorruptCheckpointError(
+                path, f"metadata names prediction type {excerpt(prediction)}", _REEXPORT
+            )
         parts_kwargs["metadata_prediction"] = prediction
     return vae_cfg, text_cfg
 
@@ -445,7 +448,7 @@ def _apply_yaml(
     parameterization = params.get("parameterization", "eps")
     if parameterization not in ("eps", "v"):
         raise UnknownArchitectureError(
-            path, f"parameterization {parameterization!r} is not supported", "Only 'eps' and 'v' are"
+            path, f"parameterization {excerpt(parameterization)} is not supported", "Only 'eps' and 'v' are"
         )
     extra: dict[str, Any] = {"yaml_prediction": parameterization}
     if {"linear_start", "linear_end", "timesteps"} & set(params):
@@ -568,14 +571,14 @@ def _read_scheduler(folder: Path, parts: _Parts) -> None:
         if cfg["prediction_type"] not in kinds:
             raise UnknownArchitectureError(
                 path,
-                f"prediction_type {cfg['prediction_type']!r} is not supported",
+                f"prediction_type {excerpt(cfg['prediction_type'])} is not supported",
                 "Pass prediction_type='eps' or 'v' to load()",
             )
         parts.scheduler_prediction = kinds[cfg["prediction_type"]]  # type: ignore[assignment]
     if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear":
         raise UnknownArchitectureError(
             path,
-            f"beta_schedule {cfg['beta_schedule']!r} is not the reference's (scaled_linear)",
+            f"beta_schedule {excerpt(cfg['beta_schedule'])} is not the reference's (scaled_linear)",
             "Stable Diffusion checkpoints are trained with scaled_linear betas; check the scheduler config",
         )
     default = ScheduleConfig()
@@ -640,7 +643,7 @@ def _diffusers_extras(folder: Path, variant: str | None) -> dict[str, StateDict]
         if not _COMPONENT_NAME.fullmatch(name):  # a component is a folder of this one, named plainly
             raise UnsafeCheckpointError(
                 folder / "model_index.json",
-                f"it names a component {name[:80]!r}, which is not a plain folder name",
+                f"it names a component {excerpt(name)}, which is not a plain folder name",
                 "Use the folder as published",
             )
         if (folder / name).is_dir() and any(c.is_file() for c in _weight_candidates(folder / name, variant)):

@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from openldm.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from openldm.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, excerpt
 from openldm.checkpoints.pickle_machine import Globals, PickleMachine, PickleRejected, describe
 
 StateDict = dict[str, torch.Tensor]
@@ -346,7 +346,7 @@ class _ZipRecords:
         data = self.storage(key)
         if data.nbytes() < numel * storage_type.dtype.itemsize:
             raise PickleRejected(
-                f"storage {key!r} holds {data.nbytes()} bytes, {numel} elements were declared"
+                f"storage {excerpt(key)} holds {data.nbytes()} bytes, {numel} elements were declared"
             )
         return _Storage(data, storage_type.dtype)
 
@@ -523,7 +523,7 @@ def _globals(path: Path) -> Globals:
     def refuse(qualified: str) -> UnsafeCheckpointError:
         return UnsafeCheckpointError(
             path,
-            f"refused to load: its pickle asks for {qualified[:200]!r}, which is not a tensor, storage or "
+            f"refused to load: its pickle asks for {excerpt(qualified)}, which is not a tensor, storage or "
             "plain container (a checkpoint that names arbitrary code can run it when loaded with torch.load)",
             "Get a .safetensors version of the model, or, only if you trust where the file came from, "
             "convert it in an isolated environment",
@@ -551,7 +551,7 @@ def _tensors_only(obj: Any, path: Path) -> StateDict:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CorruptCheckpointError(
                 path,
-                f"entry {key!r} of its state dict is a {type(value).__name__}, not a tensor",
+                f"entry {excerpt(key)} of its state dict is a {type(value).__name__}, not a tensor",
                 "Pass a checkpoint that holds only model weights",
             )
         out[key] = value.detach()  # a plain tensor: no requires_grad, no hooks, no subclass state

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from openldm.checkpoints.detect import UNET_PREFIX
-from openldm.checkpoints.errors import CorruptCheckpointError
+from openldm.checkpoints.errors import CorruptCheckpointError, excerpt
 from openldm.config import ModelSpec
 
 BASE_KEY, FINGERPRINT_KEY, FILE_KEY = "openldm.base", "openldm.base_fingerprint", "openldm.base_file"
@@ -102,8 +102,8 @@ def merge_with_base(
     if expected is not None and expected != actual:
         raise CorruptCheckpointError(
             source,
-            f"it was trained on the base {metadata.get(FILE_KEY, '?')!r} (fingerprint {expected}) but the "
-            f"given base differs (fingerprint {actual})",
+            f"it was trained on the base {excerpt(metadata.get(FILE_KEY, '?'))} (fingerprint {expected}) "
+            f"but the given base differs (fingerprint {actual})",
             "Use the base it was trained on, or train the variant again on this one "
             "(openldm train --stage inpaint|depth --base FILE)",
         )
