@@ -53,8 +53,10 @@ def read_only_folder() -> Iterator[Callable[[Path], Path]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A tiny SD 1 single file with seeded random weights (the oracles' layout and names)."""
+def tiny_single_file(tmp_path_factory) -> Callable[..., Path]:
+    """``make(variant, name=None)``: a tiny single file of a ``tests.tiny.TINY`` variant ("sd1",
+    "sd1-inpaint"...) with the oracles' seeded random weights, written once per session as
+    ``<name>.safetensors`` (default ``tiny-<variant>``; the name is the PNGs' ``Model``)."""
     pytest.importorskip("diffusers")  # the weights come from the oracles
     from tests.oracles import (
         Oracles,
@@ -66,11 +68,25 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     )
     from tests.tiny import TINY
 
-    spec = TINY["sd1"]
-    oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
-    path = tmp_path_factory.mktemp("tiny") / "tiny-sd1.safetensors"
-    write_single_file(path, single_file_state_dict("sd1", spec, oracles))
-    return path
+    made: dict[str, Path] = {}
+
+    def make(variant: str, name: str | None = None) -> Path:
+        name = name or f"tiny-{variant}"
+        if name not in made:
+            spec = TINY[variant]
+            oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
+            path = tmp_path_factory.mktemp("tiny") / f"{name}.safetensors"
+            write_single_file(path, single_file_state_dict(variant, spec, oracles))
+            made[name] = path
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_single_file: Callable[..., Path]) -> Path:
+    """A tiny SD 1 single file with seeded random weights (the oracles' layout and names)."""
+    return tiny_single_file("sd1")
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,10 @@ from openldm.sampling.samplers import SAMPLERS
 from tests.oracles import (
     Oracles,
     pad_token,
-    single_file_state_dict,
     text_oracle,
     unet_oracle,
     vae_oracle,
     write_diffusers_folder,
-    write_single_file,
 )
 from tests.tiny import TINY
 
@@ -313,12 +311,8 @@ def test_other_variants_are_refused(pairs, image, mask) -> None:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    spec = TINY["sd1-inpaint"]
-    oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
-    path = tmp_path_factory.mktemp("cli") / "tiny-inpaint.safetensors"
-    write_single_file(path, single_file_state_dict("sd1-inpaint", spec, oracles))
-    return path
+def ckpt(tiny_single_file) -> Path:
+    return tiny_single_file("sd1-inpaint", "tiny-inpaint")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openldm.checkpoints.errors import HubUnavailableError
-from openldm.pipelines.options import GenerationOptions, OptionError, Precision
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the pipelines (and torch) are imported when a command runs, not with the parser
     from PIL import Image
 
     from openldm.model import StableDiffusion
+    from openldm.pipelines.options import GenerationOptions, OptionError, Precision
     from openldm.pipelines.run import Task
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
@@ -151,10 +151,12 @@ def default_prompt(args: argparse.Namespace) -> str:
 
 
 def generation_options(
-    args: argparse.Namespace, prompts: list[str], guidance_scale: float, **fields: Any
+    args: argparse.Namespace, prompts: list[str], guidance_scale: float
 ) -> GenerationOptions:
-    """The options the shared generation flags ask for (``fields`` adds or replaces some); a bad one
-    is a :class:`UsageError` naming its flag."""
+    """The options the shared generation flags ask for; a bad one is a :class:`UsageError` naming its
+    flag."""
+    from openldm.pipelines.options import GenerationOptions, OptionError
+
     precision = precision_for(args)
     values: dict[str, Any] = {
         "steps": args.ddim_steps,
@@ -170,7 +172,6 @@ def generation_options(
         "fixed_code": getattr(args, "fixed_code", False),
         "weighting": not args.no_weighting,
         "precision": precision,
-        **fields,
     }
     try:
         return GenerationOptions(prompts, args.negative_prompt, **values)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openldm.commands.common import UsageError
+from openldm.commands.common import UsageError, device_name, load_model, precision_for
 from openldm.files import check_output_folder, write_atomically
 
 if TYPE_CHECKING:
@@ -199,9 +199,7 @@ def plan(args: argparse.Namespace) -> tuple[Setting, list[Setting], list[Setting
     if args.json is not None:
         check_output_folder(Path(args.json).resolve().parent, "--json's folder")
     if args.device is not None:
-        from openldm.devices import resolve_device
-
-        resolve_device(args.device)
+        device_name(args.device)  # a device this machine lacks: one line, before any work
     if args.ground_truth and args.sweep != "none":
         raise UsageError("--ground-truth scores the renderer's images: sweeps need a model (--sweep none)")
     _check_steps("--steps", [args.steps])
@@ -461,15 +459,6 @@ def to_json(
 # --- the command -------------------------------------------------------------------------------
 
 
-def load_model(args: argparse.Namespace, kind: str | None = None) -> tuple[StableDiffusion, str]:
-    """The model of --ckpt (with --base), else the embedded model or its ``kind`` variant; and the
-    precision to run it in."""
-    from openldm.commands.common import load_model as load
-    from openldm.commands.common import precision_for
-
-    return load(args, kind), precision_for(args)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``openldm eval``; return the exit status."""
 
@@ -485,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ground_truth and args.ckpt is None:
         name, generate = "ground truth", ground_truth_generator(preset(EMBEDDED_PRESET).image_size)
     else:
-        model, precision = load_model(args)
+        model, precision = load_model(args), precision_for(args)
         name = args.ckpt or f"the embedded model ({model.source})"
         if args.ground_truth:
             generate = ground_truth_generator(model.spec.image_size)

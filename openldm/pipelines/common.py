@@ -86,15 +86,6 @@ class Model(Protocol):
 # --- checks ------------------------------------------------------------------------------------
 
 
-def size_multiple(model: Model) -> int:
-    """What image sides must be multiples of: the VAE's downsampling factor (8 for SD).
-
-    The UNet upsamples to the size of each skip connection, so latents of any size work (the
-    reference's UNet needs multiples of 64 pixels).
-    """
-    return model.spec.vae.downsampling_factor
-
-
 def check_size(width: int, height: int, multiple: int) -> None:
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
@@ -157,13 +148,6 @@ def make_generator(seed: int | None, generator: torch.Generator | None = None) -
 def draw_noise(generator: torch.Generator, shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """Unit normal noise drawn on the generator's device in float32, then moved: the same on every device."""
     return torch.randn(list(shape), generator=generator, device=generator.device).to(device)
-
-
-def unit_noise(
-    generator: torch.Generator, shape: Sequence[int], device: torch.device, given: torch.Tensor | None
-) -> torch.Tensor:
-    """The given unit noise in float32 on ``device``, or fresh noise drawn from the generator."""
-    return draw_noise(generator, shape, device) if given is None else given.to(device, torch.float32)
 
 
 # --- precision ---------------------------------------------------------------------------------

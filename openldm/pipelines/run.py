@@ -134,8 +134,9 @@ class Task:
         check_size(width, height, model.spec.vae.downsampling_factor)
         return height, width
 
-    def tile_latent(self, size: tuple[int, int]) -> tuple[int, int] | None:
-        """The (height, width) in latent pixels sampled and decoded at once, when not the whole image."""
+    def tile_latent(self) -> tuple[int, int] | None:
+        """The (height, width) in latent pixels sampled and decoded at once, when not the whole image
+        (known once :meth:`image_size` ran)."""
         return None
 
     def settings(self) -> dict[str, Any]:
@@ -212,7 +213,7 @@ def _check(model: Model, task: Task, options: GenerationOptions) -> tuple[int, i
         raise ValueError(f"steps must be at most {model.spec.schedule.num_timesteps}, got {options.steps}")
     check_weights_precision(model, options.precision)
     height, width = task.image_size(model, options)
-    tile = task.tile_latent((height, width))
+    tile = task.tile_latent()
     factor = model.spec.vae.downsampling_factor
     check_request_memory(
         model,

@@ -266,7 +266,7 @@ class Upscale(Task):
         factor = model.spec.vae.downsampling_factor
         return height * factor, width * factor
 
-    def tile_latent(self, size: tuple[int, int]) -> tuple[int, int] | None:
+    def tile_latent(self) -> tuple[int, int] | None:
         return (self.pieces[0].height, self.pieces[0].width) if self.tile is not None else None
 
     def settings(self) -> dict[str, Any]:
