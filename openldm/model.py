@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from openldm import adapters
+from openldm.adapters import Adapters
+from openldm.adapters.embeddings import Embedding
+from openldm.adapters.lora_files import LoraFile
 from openldm.checkpoints.load import Networks
 from openldm.checkpoints.load import describe as _describe
 from openldm.checkpoints.load import load as load_networks
@@ -36,7 +41,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class StableDiffusion(Networks):
-    """A loaded model: its spec, networks, tokenizer and extras, and the pipelines as methods."""
+    """A loaded model: its spec, networks, tokenizer and extras, and the pipelines as methods; its
+    adapters (LoRAs, embeddings, a swapped VAE) are loaded and unloaded by the methods below."""
+
+    adapters: Adapters = field(default_factory=Adapters)
 
     generate = generate
     txt2img = txt2img
@@ -45,6 +53,35 @@ class StableDiffusion(Networks):
     depth2img = depth2img
     upscale = upscale
     variations = variations
+
+    def load_lora(
+        self, path: str | os.PathLike[str], weight: float = 1.0, text_weight: float | None = None
+    ) -> LoraFile:
+        """Apply a LoRA / LyCORIS file (kohya, diffusers/PEFT, LoCon, LoHa, LoKr, full and norm diffs) to
+        every generation from now on, at ``weight`` (``text_weight`` for the text encoder if given)."""
+        return adapters.load_lora(self, path, weight, text_weight)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove the LoRA ``name`` (its file name without suffix), or all; restores the weights exactly."""
+        adapters.unload_lora(self, name)
+
+    def add_lora_dir(self, folder: str | os.PathLike[str]) -> None:
+        """A folder where the prompts' ``<lora:name:weight>`` tags find their files."""
+        path = Path(folder)
+        if not path.is_dir():
+            raise NotADirectoryError(f"LoRA folder {os.fspath(folder)!r} is not a folder")
+        self.adapters.lora_dirs.append(path)
+
+    def load_embedding(self, path: str | os.PathLike[str], word: str | None = None) -> Embedding:
+        """A textual inversion embedding, used in prompts as ``word`` (default: the file's name)."""
+        return adapters.load_embedding(self, path, word)
+
+    def unload_embedding(self, word: str | None = None) -> None:
+        adapters.unload_embedding(self, word)
+
+    def load_vae(self, path: str | os.PathLike[str] | None) -> None:
+        """Decode and encode with another VAE (an original or diffusers file or folder); None: its own."""
+        adapters.load_vae(self, path)
 
     @classmethod
     def from_networks(cls, networks: Networks) -> StableDiffusion:

@@ -185,13 +185,19 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def encode_prompts(
-    tokenizer: Tokenizer, text_encoder: nn.Module, prompts: Sequence[str], *, weighting: bool = True
+    tokenizer: Tokenizer,
+    text_encoder: nn.Module,
+    prompts: Sequence[str],
+    *,
+    weighting: bool = True,
+    skip_layers: int = 0,
 ) -> torch.Tensor:
     """Conditioning ``[B, max_length * k, width]`` for ``prompts``, k the most windows any prompt needs.
 
     Shorter prompts are padded with empty windows (``[start, end, pad...]``), so a batch of a
     negative and a positive prompt encoded together is ready for classifier-free guidance.
     With ``weighting=False`` brackets are ordinary characters. Repeated prompts are encoded once.
+    ``skip_layers`` leaves out the text encoder's last layers (clip skip N is ``N - 1``).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; wrap a single prompt in a list: [prompt]")
@@ -215,7 +221,8 @@ def encode_prompts(
     device = _device(text_encoder)
     ids = torch.tensor([ids for w in windows for ids, _ in w], dtype=torch.long, device=device)
     weights = torch.tensor([ws for w in windows for _, ws in w], dtype=torch.float32, device=device)
-    z = _apply_weights(text_encoder(ids), weights)
+    z = text_encoder(ids, skip_layers=skip_layers) if skip_layers else text_encoder(ids)
+    z = _apply_weights(z, weights)
     z = z.reshape(len(unique), k * tokenizer.max_length, z.shape[-1])
     index = {p: n for n, p in enumerate(unique)}
     return z[[index[p] for p in prompts]] if len(unique) != len(prompts) else z
@@ -262,3 +269,31 @@ def _pad_to(short: torch.Tensor, length: int, empty: torch.Tensor | None) -> tor
         )
     pad = empty.to(short).expand(short.shape[0], -1, -1).repeat(1, missing // empty.shape[1], 1)
     return torch.cat([short, pad], dim=1)
+
+
+# The web UI's extra networks in prompts: <lora:name>, <lora:name:weight>, <lora:name:text:unet>
+# (LyCORIS files were once written <lyco:...>).
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)((?::[^:<>]*){0,2})>")
+
+
+def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """``prompt`` without its ``<lora:...>`` tags, and each tag's (name, text weight, UNet weight).
+
+    ``<lora:name>`` is weight 1, ``<lora:name:w>`` weight w for both networks, ``<lora:name:t:u>`` t for
+    the text encoder and u for the UNet. A weight that is not a number is a ``ValueError``.
+    """
+    tags: list[tuple[str, float, float]] = []
+
+    def take(match: re.Match[str]) -> str:
+        numbers = [n.strip() for n in match[2].split(":")[1:]]
+        try:
+            weights = [float(n) for n in numbers]
+        except ValueError:
+            raise ValueError(
+                f"{match[0]!r}: a LoRA's weight must be a number, as in <lora:name:0.8>"
+            ) from None
+        text = weights[0] if weights else 1.0
+        tags.append((match[1].strip(), text, weights[1] if len(weights) > 1 else text))
+        return ""
+
+    return _LORA_TAG.sub(take, prompt), tags

@@ -133,6 +133,8 @@ class CLIPTokenizer:
         self._vocab = vocab
         self._cache: dict[str, list[str]] = {}
         self._byte_chars = dict(byte_alphabet())
+        self.added_words: dict[str, list[int]] = {}
+        self._added_pattern: regex.Pattern[str] | None = None
 
     @classmethod
     def for_config(cls, config: TextConfig) -> CLIPTokenizer:
@@ -209,13 +211,36 @@ class CLIPTokenizer:
         return symbols
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, without start/end tokens and without truncation."""
+        """Token ids of ``text``, without start/end tokens and without truncation.
+
+        Added words (textual inversion embeddings, :meth:`set_added_words`) become their own ids."""
+        cleaned = clean_text(text)
+        if self._added_pattern is None:
+            return self._encode_clean(cleaned)
+        ids: list[int] = []
+        position = 0
+        for match in self._added_pattern.finditer(cleaned):
+            ids += self._encode_clean(cleaned[position : match.start()]) + self.added_words[match[0]]
+            position = match.end()
+        return ids + self._encode_clean(cleaned[position:])
+
+    def _encode_clean(self, cleaned: str) -> list[int]:
         encoder = self.vocab.encoder
         ids: list[int] = []
-        for word in _WORD_PATTERN.findall(clean_text(text)):
+        for word in _WORD_PATTERN.findall(cleaned):
             mapped = "".join(self._byte_chars[b] for b in word.encode("utf-8"))
             ids.extend(encoder[s] for s in self.bpe(mapped))
         return ids
+
+    def set_added_words(self, words: dict[str, list[int]]) -> None:
+        """Words (lower case) that encode to the given ids instead of their BPE tokens, matched as
+        whole words: ``{"my-style": [49408, 49409]}``. An empty dict removes them."""
+        self.added_words = dict(words)
+        if not words:
+            self._added_pattern = None
+            return
+        names = "|".join(regex.escape(w) for w in sorted(words, key=len, reverse=True))
+        self._added_pattern = regex.compile(rf"(?<![\p{{L}}\p{{N}}_-])(?:{names})(?![\p{{L}}\p{{N}}_-])")
 
     def window(self, ids: Sequence[int]) -> list[int]:
         """``[start] + ids + [end]`` truncated to ``max_length`` (the end token kept last), then padded."""

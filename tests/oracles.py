@@ -520,3 +520,44 @@ def reference_yaml(spec: ModelSpec) -> dict[str, Any]:
 
 def write_reference_yaml(path: Path, spec: ModelSpec) -> None:
     path.write_text(yaml.safe_dump(reference_yaml(spec), sort_keys=False), encoding="utf-8")
+
+
+@dataclass
+class Pair:
+    """Our model and diffusers' pipelines, loaded from one diffusers folder of seeded random weights."""
+
+    model: Any  # openldm.model.StableDiffusion
+    txt2img: Any  # diffusers StableDiffusionPipeline
+    img2img: Any  # diffusers StableDiffusionImg2ImgPipeline
+    folder: Path
+
+
+def diffusers_pair(root: Path, variant: str, size: int) -> Pair:
+    import diffusers
+    import transformers
+
+    import openldm
+    from tests.tiny import TINY
+
+    spec = TINY[variant]
+    folder = root / variant
+    # Seeded random weights everywhere (the zero-initialised output convs included).
+    oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
+    write_diffusers_folder(folder, variant, spec, oracles, text_5x=False)
+    model = openldm.load(folder)
+    tokenizer = transformers.CLIPTokenizer(
+        str(folder / "tokenizer" / "vocab.json"),
+        str(folder / "tokenizer" / "merges.txt"),
+        pad_token=pad_token(spec),
+        model_max_length=77,
+    )
+    # The folder's UNet config has no sample_size, which diffusers' img2img pipeline insists on.
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", sample_size=size // 8)
+    common_args = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    txt = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, unet=unet, tokenizer=tokenizer, **common_args
+    )
+    img = diffusers.StableDiffusionImg2ImgPipeline(**txt.components)
+    for pipe in (txt, img):
+        pipe.set_progress_bar_config(disable=True)
+    return Pair(model, txt, img, folder)

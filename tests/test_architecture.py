@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"config", "devices", "files"},
     {"nn", "sampling", "tokenizer", "images", "prompts", "shapes"},
     {"checkpoints"},
-    {"embedded"},
+    {"embedded", "adapters"},
     {"pipelines"},
     {"model"},
     {"train", "commands"},

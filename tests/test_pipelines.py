@@ -7,8 +7,6 @@ Parity is measured in pixel space, [0, 1] floats; run with ``-s`` to see the err
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,15 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-import openldm
 from openldm.images import parse_parameters
 from openldm.model import StableDiffusion
 from openldm.pipelines import common
 from openldm.pipelines.common import NonFiniteOutputError
 from openldm.sampling.samplers import SAMPLERS
 from tests.helpers import assert_close_rel
-from tests.oracles import Oracles, pad_token, text_oracle, unet_oracle, vae_oracle, write_diffusers_folder
-from tests.tiny import TINY
+from tests.oracles import diffusers_pair
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -48,42 +44,10 @@ ERRORS: dict[str, float] = {}
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@dataclass
-class Pair:
-    model: StableDiffusion
-    txt2img: Any  # diffusers StableDiffusionPipeline
-    img2img: Any  # diffusers StableDiffusionImg2ImgPipeline
-
-
-def _pair(root: Path, variant: str) -> Pair:
-    spec = TINY[variant]
-    folder = root / variant
-    # Seeded random weights everywhere (the zero-initialised output convs included, see tests.oracles).
-    oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
-    write_diffusers_folder(folder, variant, spec, oracles, text_5x=False)
-    model = openldm.load(folder)
-    tokenizer = transformers.CLIPTokenizer(
-        str(folder / "tokenizer" / "vocab.json"),
-        str(folder / "tokenizer" / "merges.txt"),
-        pad_token=pad_token(spec),
-        model_max_length=77,
-    )
-    # The folder's UNet config has no sample_size, which diffusers' img2img pipeline insists on.
-    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", sample_size=SIZE // 8)
-    common_args = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    txt = diffusers.StableDiffusionPipeline.from_pretrained(
-        folder, unet=unet, tokenizer=tokenizer, **common_args
-    )
-    img = diffusers.StableDiffusionImg2ImgPipeline(**txt.components)
-    for pipe in (txt, img):
-        pipe.set_progress_bar_config(disable=True)
-    return Pair(model, txt, img)
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> dict[str, Pair]:
     root = tmp_path_factory.mktemp("pipelines")
-    return {variant: _pair(root, variant) for variant in VARIANTS}
+    return {variant: diffusers_pair(root, variant, SIZE) for variant in VARIANTS}
 
 
 @pytest.fixture(scope="module")

@@ -67,3 +67,7 @@ class HubUnavailableError(MissingWeightsError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:  # type: ignore[override]
         return type(self), (self.path, self.reason)
+
+
+class AdapterError(CheckpointError):
+    """A LoRA, LyCORIS, embedding or VAE file that cannot be read or does not fit the model."""

@@ -191,6 +191,17 @@ def read_safetensors(path: str | os.PathLike[str]) -> StateDict:
         raise CorruptCheckpointError(path, f"damaged or truncated safetensors file ({e})", _REDOWNLOAD) from e
 
 
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` strings of a ``.safetensors`` file ({} if it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptCheckpointError(path, f"damaged or truncated safetensors file ({e})", _REDOWNLOAD) from e
+
+
 def read_torch_zip(path: str | os.PathLike[str]) -> Any:
     """The whole object pickled in a PyTorch zip file, through :class:`~openldm.checkpoints.
     pickle_machine.PickleMachine` with this module's allowlist.

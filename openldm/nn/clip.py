@@ -77,9 +77,18 @@ class CLIPEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.max_length, config.width)
+        # Vectors of ids from vocab_size up (textual inversion); not part of the state dict.
+        self.added: torch.Tensor | None
+        self.register_buffer("added", None, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(input_ids) + self.position_embedding.weight
+        vocab = self.token_embedding.num_embeddings
+        extra = input_ids >= vocab
+        if self.added is None or not bool(extra.any()):
+            return self.token_embedding(input_ids) + self.position_embedding.weight
+        x = self.token_embedding(input_ids.masked_fill(extra, 0))
+        x[extra] = self.added[input_ids[extra] - vocab].to(x.dtype)
+        return x + self.position_embedding.weight
 
 
 class CLIPEncoder(nn.Module):
@@ -87,8 +96,8 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, skip_layers: int = 0) -> torch.Tensor:
+        for layer in self.layers[: len(self.layers) - skip_layers]:
             x = layer(x)
         return x
 
@@ -100,8 +109,8 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+    def forward(self, input_ids: torch.Tensor, skip_layers: int = 0) -> torch.Tensor:
+        return self.final_layer_norm(self.encoder(self.embeddings(input_ids), skip_layers))
 
 
 class CLIPTextEncoder(nn.Module):
@@ -112,9 +121,32 @@ class CLIPTextEncoder(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, skip_layers: int = 0) -> torch.Tensor:
+        """``skip_layers``: leave out the last layers (the web UI's clip skip N is ``N - 1``); the final
+        layer norm is applied to the output of the last layer that runs."""
         self._check_ids(input_ids)
-        return self.text_model(input_ids)
+        if not 0 <= skip_layers < self.config.layers:
+            raise ValueError(
+                f"skip_layers must be between 0 and {self.config.layers - 1} for this "
+                f"{self.config.layers}-layer text encoder, got {skip_layers}"
+            )
+        return self.text_model(input_ids, skip_layers)
+
+    def set_added_tokens(self, vectors: torch.Tensor | None) -> None:
+        """Vectors ``[n, width]`` for the ids ``vocab_size .. vocab_size + n - 1`` (None: no added ids)."""
+        if vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != self.config.width):
+            raise ValueError(
+                f"added token vectors must be [n, {self.config.width}], got {list(vectors.shape)}"
+            )
+        weight = self.text_model.embeddings.token_embedding.weight
+        self.text_model.embeddings.added = (
+            None if vectors is None else vectors.to(weight.device, weight.dtype)
+        )
+
+    def vocabulary_size(self) -> int:
+        """The ids this encoder takes: its vocabulary and any added tokens."""
+        added = self.text_model.embeddings.added
+        return self.config.vocab_size + (0 if added is None else added.shape[0])
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         length = self.config.max_length
@@ -128,8 +160,8 @@ class CLIPTextEncoder(nn.Module):
         if input_ids.numel() == 0:
             return
         low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
+        if low < 0 or high >= self.vocabulary_size():
             raise ValueError(
-                f"input_ids must lie in [0, {self.config.vocab_size}), got values in [{low}, {high}]; "
+                f"input_ids must lie in [0, {self.vocabulary_size()}), got values in [{low}, {high}]; "
                 "does the tokenizer match this text encoder?"
             )

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,11 +20,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from openldm.adapters import Adapters, activate
+from openldm.adapters.embeddings import words_in
+from openldm.adapters.state import vae_hash
 from openldm.config import ModelSpec, Variant
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
 from openldm.pipelines.memory import Request, check_memory
 from openldm.pipelines.options import PRECISIONS, Callback, GenerationOptions
-from openldm.prompts import encode_prompts
+from openldm.prompts import encode_prompts, lora_tags
 from openldm.sampling.denoiser import CFGDenoiser, Denoiser
 from openldm.sampling.samplers import SamplerInfo
 from openldm.sampling.schedule import NoiseSchedule
@@ -81,6 +84,7 @@ class Model(Protocol):
     depth_estimator: MiDaSDepthEstimator | None
     image_encoder: CLIPVisionEncoder | None
     unbuilt: dict[str, str]
+    adapters: Adapters
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -184,17 +188,22 @@ def check_weights_precision(model: Model, precision: str | None) -> None:
 
 
 def conditioning(
-    model: Model, prompts: list[str], negatives: list[str], guidance_scale: float, weighting: bool
+    model: Model, prompts: list[str], negatives: list[str], options: GenerationOptions
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(cond, uncond) for classifier-free guidance, encoded in one batch so their lengths match.
 
     With a guidance scale of 1 the unconditional half changes nothing and is not computed.
     """
-    if guidance_scale == 1.0:
-        return encode_prompts(model.tokenizer, model.text_encoder, prompts, weighting=weighting).float(), None
+    texts = prompts if options.guidance_scale == 1.0 else negatives + prompts
     both = encode_prompts(
-        model.tokenizer, model.text_encoder, negatives + prompts, weighting=weighting
+        model.tokenizer,
+        model.text_encoder,
+        texts,
+        weighting=options.weighting,
+        skip_layers=options.clip_skip - 1,
     ).float()
+    if options.guidance_scale == 1.0:
+        return both, None
     return both[len(negatives) :], both[: len(negatives)]
 
 
@@ -375,6 +384,9 @@ def run_settings(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The web UI's generation parameters shared by the images of a run, in its order."""
+    adapters = model.adapters
+    vae = adapters.vae_file
+    used = words_in([*options.prompt, *options.negative_prompt], adapters.embeddings)
     return {
         "Steps": options.steps,
         "Sampler": options.sampler_info.display_name,
@@ -383,10 +395,32 @@ def run_settings(
         "Seed": seed,
         "Size": f"{width}x{height}",
         "Model": model_name(model),
+        "VAE hash": vae_hash(vae) if vae is not None else None,
+        "VAE": vae.name if vae is not None else None,
         **(extra or {}),
+        "Clip skip": options.clip_skip if options.clip_skip > 1 else None,
         "Eta": options.sampler_options.get("eta"),
         "Fixed code": True if options.fixed_code and options.n_iter > 1 else None,
+        "Lora hashes": _hashes((u.file.name, u.file.short_hash) for u in adapters.patches.applied),
+        "TI hashes": _hashes((e.word, e.short_hash) for e in used),
     }
+
+
+def _hashes(pairs: Iterable[tuple[str, str]]) -> str | None:
+    return ", ".join(f"{name}: {digest}" for name, digest in pairs) or None
+
+
+def use_adapters(model: Model, prompts: list[str]) -> list[str]:
+    """``prompts`` without their ``<lora:name:weight>`` tags, once the LoRAs they name (with those
+    loaded for good) are applied to the model."""
+    stripped: list[str] = []
+    tags: list[tuple[str, float, float]] = []
+    for prompt in prompts:
+        text, found = lora_tags(prompt)
+        stripped.append(text)
+        tags += found
+    activate(model, tags)
+    return stripped
 
 
 def image_settings(run: dict[str, Any], batch_size: int, n_iter: int, iteration: int) -> list[dict[str, Any]]:

@@ -49,7 +49,8 @@ class GenerationOptions:
     for every repeat; ``fixed_code``: draw it once and reuse it. ``weighting``: read ``(word:1.3)`` as
     weights. ``precision``: None runs the weights as loaded, fp16/bf16 autocast. ``output_type``: PIL
     images, arrays or tensors in [0, 1], or "latent" (no decoding). ``callback`` runs after every step;
-    ``progress`` shows a bar.
+    ``progress`` shows a bar. ``clip_skip``: the web UI's clip skip, 1 uses the text encoder's last
+    layer, N the output of the N-th layer from the end (then its final layer norm).
     """
 
     prompt: Prompt
@@ -72,12 +73,13 @@ class GenerationOptions:
     output_type: OutputType = "pil"
     callback: Callback | None = None
     progress: bool = True
+    clip_skip: int = 1
 
     def __post_init__(self) -> None:
         prompts = _prompts("prompt", self.prompt)
         object.__setattr__(self, "prompt", prompts)
         object.__setattr__(self, "negative_prompt", _negatives(self.negative_prompt, len(prompts)))
-        for name in ("steps", "n_samples", "n_iter"):
+        for name in ("steps", "n_samples", "n_iter", "clip_skip"):
             _whole(name, getattr(self, name), low=1)
         for name in ("width", "height"):  # their range depends on the model (multiples of its VAE factor)
             value = getattr(self, name)
@@ -163,6 +165,7 @@ class OptionFields(TypedDict, total=False):
     output_type: OutputType
     callback: Callback | None
     progress: bool
+    clip_skip: int
 
 
 def build_options(

@@ -39,6 +39,7 @@ from openldm.pipelines.common import (
     progress_bar,
     run_settings,
     sampling_sigmas,
+    use_adapters,
 )
 from openldm.pipelines.options import GenerationOptions
 
@@ -179,9 +180,10 @@ def generate(model: Model, task: Task, options: GenerationOptions) -> Generation
     sigmas = task.schedule(full, options.steps)
     settings = run_settings(model, options, seed=seed, width=width, height=height, extra=task.settings())
     prompts, negatives = options.batch()
+    texts = use_adapters(model, prompts)
     with torch.inference_mode():
         with autocast(device_of(model.unet), options.precision):
-            cond, uncond = conditioning(model, prompts, negatives, options.guidance_scale, options.weighting)
+            cond, uncond = conditioning(model, texts, negatives, options)
         bar = progress_bar(options.n_iter * task.passes() * (len(sigmas) - 1), options.progress, task.name)
         run = Run(model, options, (height, width), shape, sigmas, generator, cond, uncond, bar)
         task.prepare(run)
@@ -209,6 +211,11 @@ def _check(model: Model, task: Task, options: GenerationOptions) -> tuple[int, i
     output size and the memory the request needs. Returns the output (height, width)."""
     if model.spec.variant not in task.variants:
         raise ValueError(f"this is a {model.spec.variant} model; {task.needs}")
+    if options.clip_skip > model.spec.text.layers:
+        raise ValueError(
+            f"clip_skip must be at most {model.spec.text.layers} for this model's "
+            f"{model.spec.text.layers}-layer text encoder, got {options.clip_skip}"
+        )
     if options.steps > model.spec.schedule.num_timesteps:
         raise ValueError(f"steps must be at most {model.spec.schedule.num_timesteps}, got {options.steps}")
     check_weights_precision(model, options.precision)

@@ -85,7 +85,7 @@ def _top_level(key: str, table: Mapping[str, str]) -> str | None:
     return None
 
 
-def _key_to_diffusers(key: str, config: UNetConfig) -> str:
+def unet_key_to_diffusers(key: str, config: UNetConfig) -> str:
     top = _top_level(key, _TOP_OURS_TO_DIFFUSERS)
     if top is not None:
         return top
@@ -175,7 +175,7 @@ def unet_to_diffusers(sd: Mapping[str, torch.Tensor], config: UNetConfig) -> dic
 
     Raises ``KeyError`` on a key that has no place in a UNet of ``config``.
     """
-    return {_key_to_diffusers(k, config): _fit_projection(k, v, config) for k, v in sd.items()}
+    return {unet_key_to_diffusers(k, config): _fit_projection(k, v, config) for k, v in sd.items()}
 
 
 def unet_from_diffusers(sd: Mapping[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
