@@ -34,7 +34,7 @@ from openldm.files import write_atomically
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
 # One "key: value" pair of the last line; a value is either JSON-quoted or runs to the next comma.
-_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|\{[^{}]*\}|[^,]*)(?:,|$)')
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
 
@@ -123,6 +123,8 @@ def image_grid(images: Sequence[Image.Image], n_rows: int, padding: int = 2) -> 
 
 
 def _quote(value: Any) -> str:
+    if isinstance(value, dict):  # Civitai's "Hashes: {...}": JSON, not quoted
+        return json.dumps(value, ensure_ascii=False)
     text = str(value)
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
@@ -143,6 +145,11 @@ def format_parameters(
 def _value(text: str) -> Any:
     if text.startswith('"') and text.endswith('"') and len(text) > 1:
         return json.loads(text)
+    if text.startswith("{") and text.endswith("}"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
     if _INT.fullmatch(text):
         return int(text)
     if _FLOAT.fullmatch(text):

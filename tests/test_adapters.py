@@ -70,10 +70,10 @@ def write_kohya_lora(pipe: Any, path: Path, seed: int, rank: int = 4) -> Path:
     return path
 
 
-def _images(model: Any, **options: Any) -> np.ndarray:
+def _images(model: Any, prompt: str = PROMPT, negative: str = NEGATIVE, **options: Any) -> np.ndarray:
     return model.txt2img(
-        PROMPT,
-        NEGATIVE,
+        prompt,
+        negative,
         steps=STEPS,
         width=SIZE,
         height=SIZE,
@@ -84,12 +84,12 @@ def _images(model: Any, **options: Any) -> np.ndarray:
     ).images
 
 
-def _theirs(pipe: Any, **options: Any) -> np.ndarray:
+def _theirs(pipe: Any, prompt: str = PROMPT, **options: Any) -> np.ndarray:
     noise = torch.randn([1, 4, SIZE // 8, SIZE // 8], generator=torch.Generator().manual_seed(7))
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    options = {"negative_prompt": NEGATIVE, **options}
     return pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
+        prompt,
         num_inference_steps=STEPS,
         height=SIZE,
         width=SIZE,
@@ -330,3 +330,289 @@ def test_lycoris_files_add_what_their_modules_add(pairs, tmp_path, case: str) ->
     assert len(modules) > 50
     assert worst <= DELTA_TOL
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+
+
+def _embedding_file(path: Path, layout: str, vectors: torch.Tensor) -> Path:
+    """An embedding in one of the layouts found in the wild (the .pt ones written by torch.save)."""
+    if layout == "webui-safetensors":
+        safetensors.torch.save_file({"emb_params": vectors}, str(path))
+    elif layout == "webui-pt":
+        torch.save(
+            {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "x", "step": 9}, path
+        )
+    else:  # diffusers' learned_embeds
+        safetensors.torch.save_file({"<concept>": vectors}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["webui-safetensors", "webui-pt", "diffusers"])
+def test_embedding_matches_diffusers_textual_inversion(pairs, tmp_path, layout: str) -> None:
+    pair = pairs["sd1"]
+    width = pair.model.spec.text.width
+    vectors = torch.randn(3, width, generator=torch.Generator().manual_seed(8))
+    suffix = ".pt" if layout == "webui-pt" else ".safetensors"
+    path = _embedding_file(tmp_path / f"lighthouse-style{suffix}", layout, vectors)
+    prompt = "a painting in lighthouse-style, (lighthouse-style:1.2) at dawn"
+    pipe = pair.txt2img
+    plain = _theirs(pipe)
+    theirs_file = tmp_path / "theirs.safetensors"
+    safetensors.torch.save_file({"emb_params": vectors}, str(theirs_file))
+    pipe.load_textual_inversion(str(theirs_file), token="lighthouse-style")
+    try:
+        # diffusers has no weighting syntax: compare the unweighted prompt, then check the weight's effect.
+        theirs = _theirs(pipe, "a painting in lighthouse-style at dawn")
+    finally:
+        pipe.unload_textual_inversion()
+    model = pair.model
+    embedding = model.load_embedding(path)
+    assert embedding.word == "lighthouse-style" and embedding.vectors.shape == (3, width)
+    try:
+        ours = _images(model, "a painting in lighthouse-style at dawn")
+        weighted = _images(model, prompt, negative="lighthouse-style")
+    finally:
+        model.unload_embedding()
+    _compare(f"embedding {layout}", ours, theirs, plain)
+    assert float(np.abs(weighted - ours).max()) > 20 * PIXEL_TOL
+    assert model.tokenizer.encode("lighthouse-style") != list(range(49408, 49411))
+
+
+def _skipped_embeds(pipe: Any, prompt: str, layers_skipped: int) -> torch.Tensor:
+    """diffusers' clip_skip, spelled out (its own reaches ``text_model``, which transformers 5 removed):
+    the hidden state ``layers_skipped`` layers before the last, through the final layer norm."""
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = pipe.text_encoder(ids.input_ids, output_hidden_states=True)
+        norm = getattr(pipe.text_encoder, "final_layer_norm", None)
+        norm = norm if norm is not None else pipe.text_encoder.text_model.final_layer_norm
+        return norm(out.hidden_states[-(layers_skipped + 1)])
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_clip_skip_matches_diffusers(pairs, variant: str) -> None:
+    pair = pairs[variant]
+    plain = _theirs(pair.txt2img)
+    theirs = _theirs(
+        pair.txt2img,
+        None,
+        prompt_embeds=_skipped_embeds(pair.txt2img, PROMPT, 1),  # the web UI's clip skip 2
+        negative_prompt_embeds=_skipped_embeds(pair.txt2img, NEGATIVE, 1),
+        negative_prompt=None,
+    )
+    result = pair.model.txt2img(
+        PROMPT,
+        NEGATIVE,
+        steps=STEPS,
+        width=SIZE,
+        height=SIZE,
+        seed=7,
+        output_type="np",
+        progress=False,
+        clip_skip=2,
+    )
+    _compare(f"clip skip {variant}", result.images, theirs, plain)
+    assert "Clip skip: 2" in result.parameters[0]
+    with pytest.raises(ValueError, match="clip_skip must be at most 2"):
+        _images(pair.model, clip_skip=3)
+
+
+def _other_vae(pair: Any, folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A diffusers VAE with other random weights, saved as a diffusers folder, and its original layout."""
+    from openldm.checkpoints.formats.vae import vae_from_diffusers
+    from tests.oracles import randomize_
+
+    vae = randomize_(diffusers.AutoencoderKL.from_config(pair.txt2img.vae.config), seed=99)
+    vae.save_pretrained(folder)
+    return vae, vae_from_diffusers(vae.state_dict(), pair.model.spec.vae)
+
+
+@pytest.mark.parametrize("layout", ["original", "single-file-prefix", "diffusers-file", "diffusers-folder"])
+def test_vae_swap_matches_diffusers_with_that_vae(pairs, tmp_path, layout: str) -> None:
+    pair = pairs["sd1"]
+    plain = _theirs(pair.txt2img)
+    vae, original = _other_vae(pair, tmp_path / "vae")
+    paths = {
+        "original": tmp_path / "ft-vae.safetensors",
+        "single-file-prefix": tmp_path / "ft-vae-prefixed.safetensors",
+        "diffusers-file": tmp_path / "vae" / "diffusion_pytorch_model.safetensors",
+        "diffusers-folder": tmp_path / "vae",
+    }
+    if layout == "original":
+        safetensors.torch.save_file({**original, "loss.logvar": torch.zeros(())}, str(paths[layout]))
+    elif layout == "single-file-prefix":
+        safetensors.torch.save_file(
+            {f"first_stage_model.{k}": v for k, v in original.items()}, str(paths[layout])
+        )
+    own = pair.txt2img.vae
+    pair.txt2img.vae = vae
+    try:
+        theirs = _theirs(pair.txt2img)
+    finally:
+        pair.txt2img.vae = own
+    model = pair.model
+    own_vae = model.vae
+    model.load_vae(paths[layout])
+    try:
+        result = model.txt2img(
+            PROMPT, NEGATIVE, steps=STEPS, width=SIZE, height=SIZE, seed=7, output_type="np", progress=False
+        )
+    finally:
+        model.load_vae(None)
+    assert model.vae is own_vae
+    _compare(f"vae {layout}", result.images, theirs, plain)
+    assert f"VAE: {paths[layout].name}" in result.parameters[0] and "VAE hash: " in result.parameters[0]
+
+
+# --- on the embedded model, through the command line ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Any:
+    import openldm
+
+    return openldm.load()
+
+
+def kohya_lora_for(
+    model: Any, path: Path, seed: int, context: int | None = None, **extra: torch.Tensor
+) -> Path:
+    """A kohya LoRA for one of our models (attention layers and text encoder), random, alpha = rank / 2;
+    ``context``: the width its cross-attention keys take (another family's, to make a misfit)."""
+    from openldm.checkpoints.formats.unet import unet_key_to_diffusers
+
+    g = torch.Generator().manual_seed(seed)
+    sd = dict(extra)
+    layers = [
+        ("lora_unet_" + unet_key_to_diffusers(name + ".weight", model.spec.unet)[:-7].replace(".", "_"), m)
+        for name, m in model.unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".attn" in name
+    ]
+    layers += [
+        ("lora_te_" + name.replace(".", "_"), m)
+        for name, m in model.text_encoder.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    for name, module in layers:
+        width = (
+            context
+            if context is not None and name.endswith(("attn2_to_k", "attn2_to_v"))
+            else module.in_features
+        )
+        sd[f"{name}.lora_down.weight"] = torch.randn(4, width, generator=g) * 0.5
+        sd[f"{name}.lora_up.weight"] = torch.randn(module.out_features, 4, generator=g) * 0.5
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    safetensors.torch.save_file(sd, str(path))
+    return path
+
+
+def _run(capsys, *argv: Any) -> tuple[int, str]:
+    from openldm.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+FAST = ("--steps", "3", "--n_iter", "1", "--n_samples", "1", "--seed", "3", "--skip_grid")
+
+
+def test_command_line_with_two_loras_an_embedding_and_clip_skip(embedded, tmp_path, capsys) -> None:
+    from PIL import Image
+    from sd_parsers import ParserManager
+
+    from openldm.images import parse_parameters
+
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    first = kohya_lora_for(embedded, tmp_path / "first.safetensors", seed=1)
+    kohya_lora_for(embedded, lora_dir / "second.safetensors", seed=2)
+    word = tmp_path / "shiny.safetensors"
+    safetensors.torch.save_file({"emb_params": torch.randn(2, embedded.spec.text.width)}, str(word))
+    prompt = "a red circle, shiny <lora:second:0.5>"
+    out = tmp_path / "out"
+    argv = ["txt2img", "--outdir", out, *FAST, "--prompt", prompt, "--lora", f"{first}:0.8"]
+    argv += ["--lora-dir", lora_dir, "--embedding", word, "--clip-skip", "2"]
+    code, err = _run(capsys, *argv)
+    assert code == 0, err
+    png = out / "samples" / "00000.png"
+    params = parse_parameters(Image.open(png).info["parameters"])
+    assert params["Prompt"] == prompt and params["Clip skip"] == 2
+    hashes = dict(item.split(": ") for item in params["Lora hashes"].split(", "))
+    assert set(hashes) == {"first", "second"} and all(len(h) == 12 for h in hashes.values())
+    assert params["TI hashes"].startswith("shiny: ")
+    parsed = ParserManager().parse(png)
+    assert parsed.metadata["Clip skip"] == "2"
+    assert parsed.metadata["Hashes"] == {
+        "lora:first": hashes["first"],
+        "lora:second": hashes["second"],
+        "embed:shiny": params["TI hashes"].split(": ")[1],
+    }
+    # The same run without the adapters is another image; with them, the Python API's image.
+    plain, _ = _run(
+        capsys, "txt2img", "--outdir", tmp_path / "plain", *FAST, "--prompt", "a red circle, shiny"
+    )
+    with_api = embedded
+    with_api.load_lora(first, 0.8)
+    with_api.add_lora_dir(lora_dir)
+    with_api.load_embedding(word)
+    try:
+        api = with_api.txt2img(prompt, steps=3, seed=3, progress=False, clip_skip=2, guidance_scale=7.5)
+    finally:
+        with_api.unload_lora()
+        with_api.unload_embedding()
+        with_api.adapters.lora_dirs.clear()
+    ours = np.asarray(Image.open(png))
+    assert np.array_equal(ours, np.asarray(api.images[0]))
+    assert not np.array_equal(ours, np.asarray(Image.open(tmp_path / "plain" / "samples" / "00000.png")))
+
+
+def _bad_files(model: Any, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (extra command-line arguments, what the one-line error says)."""
+    width = model.spec.text.width
+    unknown = kohya_lora_for(
+        model,
+        tmp_path / "unknown.safetensors",
+        1,
+        **{"lora_unet_no_such_layer.lora_down.weight": torch.ones(4, 4)},
+    )
+    sd2 = kohya_lora_for(model, tmp_path / "for-sd2.safetensors", 1, context=1024)
+    sdxl = tmp_path / "sdxl.safetensors"
+    safetensors.torch.save_file(
+        {"lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}, str(sdxl)
+    )
+    dora = kohya_lora_for(
+        model,
+        tmp_path / "dora.safetensors",
+        1,
+        **{"lora_unet_mid_block_attentions_0_proj_in.dora_scale": torch.ones(4)},
+    )
+    wide = tmp_path / "wide.safetensors"
+    safetensors.torch.save_file({"emb_params": torch.randn(2, 768)}, str(wide))
+    evil = tmp_path / "evil.pt"
+    torch.save(
+        {"string_to_param": {"*": torch.zeros(1, width)}, "hook": __import__("collections").Counter()}, evil
+    )
+    folder = tmp_path / "loras"
+    folder.mkdir(exist_ok=True)
+    return {
+        "unknown key": (["--lora", unknown], "'lora_unet_no_such_layer' names no layer of this sd1 model"),
+        "SD 2 LoRA": (["--lora", sd2], "the file was made for SD 2.x"),
+        "SDXL LoRA": (["--lora", sdxl], "made for SDXL"),
+        "DoRA": (["--lora", dora], "DoRA (weight-decomposed LoRA), which openldm does not apply"),
+        "missing file": (["--lora", tmp_path / "nothing.safetensors:0.5"], "no such file"),
+        "missing tag": (["--lora-dir", folder, "--prompt", "a <lora:absent:1>"], "no LoRA named 'absent'"),
+        "tag weight": (
+            ["--lora-dir", folder, "--prompt", "a <lora:x:heavy>"],
+            "a LoRA's weight must be a number",
+        ),
+        "wide embedding": (["--embedding", wide], "vectors are 768 wide (made for SD 1.x)"),
+        "pickled code": (["--embedding", evil], "collections.Counter"),
+        "clip skip": (["--clip-skip", "9"], "clip_skip must be at most 4"),
+    }
+
+
+def test_bad_adapter_files_give_one_line_errors(embedded, tmp_path, capsys) -> None:
+    for name, (extra, message) in _bad_files(embedded, tmp_path).items():
+        out = tmp_path / name.replace(" ", "-")
+        code, err = _run(capsys, "txt2img", "--outdir", out, *FAST, *extra)
+        assert code == 2, (name, err)
+        assert message in err and err.count("\n") == 1, (name, err)
+        assert not out.exists() or not any(out.rglob("*.png")), name

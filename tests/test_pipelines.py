@@ -20,7 +20,7 @@ from openldm.pipelines import common
 from openldm.pipelines.common import NonFiniteOutputError
 from openldm.sampling.samplers import SAMPLERS
 from tests.helpers import assert_close_rel
-from tests.oracles import diffusers_pair
+from tests.oracles import Pair, diffusers_pair
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -48,6 +48,7 @@ OPTION_FLAGS = {
     "precision": "--precision",
     "prompt": "--prompt",
     "negative_prompt": "--negative-prompt",
+    "clip_skip": "--clip-skip",
 }
 _OPTION_WORDS = {"guidance_scale": "guidance scale"}
 
@@ -94,6 +95,58 @@ def check_model_flags(args: argparse.Namespace) -> None:
     if args.ckpt is None and args.config is not None:
         raise UsageError("--config describes the checkpoint of --ckpt; pass --ckpt too (or no --config)")
     device_name(args.device)
+    check_adapter_flags(args)
+
+
+def check_adapter_flags(args: argparse.Namespace) -> None:
+    """The files and folders of --lora, --lora-dir, --embedding, --embeddings-dir and --vae exist."""
+    for value in args.lora:
+        lora_flag(value)
+    files = [("--embedding", p) for p in args.embedding] + ([("--vae", args.vae)] if args.vae else [])
+    for flag, path in files:
+        if not Path(path).exists():
+            raise UsageError(f"{flag} {path!r}: no such file")
+    folders = [("--lora-dir", p) for p in args.lora_dir]
+    folders += [("--embeddings-dir", args.embeddings_dir)] if args.embeddings_dir else []
+    for flag, path in folders:
+        if not Path(path).is_dir():
+            raise UsageError(f"{flag} {path!r} is not a folder")
+
+
+def lora_flag(value: str) -> tuple[Path, float]:
+    """``PATH[:WEIGHT]`` -> (path, weight); the weight is what follows the last colon if it is a number."""
+    path, _, weight = value.rpartition(":")
+    try:
+        parsed = float(weight) if path else None
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        path, parsed = value, 1.0
+    if not Path(path).is_file():
+        raise UsageError(
+            f"--lora {value!r}: no such file {path!r}; give PATH or PATH:WEIGHT (e.g. style.safetensors:0.8)"
+        )
+    return Path(path), parsed
+
+
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+
+
+def add_adapters(args: argparse.Namespace, model: StableDiffusion) -> None:
+    """Apply the adapter flags to a loaded model: VAE, LoRA folders, LoRAs, embeddings."""
+    if args.vae:
+        model.load_vae(args.vae)
+    for folder in args.lora_dir:
+        model.add_lora_dir(folder)
+    for value in args.lora:
+        path, weight = lora_flag(value)
+        model.load_lora(path, weight)
+    embeddings = [Path(p) for p in args.embedding]
+    if args.embeddings_dir:
+        folder = Path(args.embeddings_dir)
+        embeddings += sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in EMBEDDING_SUFFIXES)
+    for path in embeddings:
+        model.load_embedding(path)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -172,6 +225,7 @@ def generation_options(
         "fixed_code": getattr(args, "fixed_code", False),
         "weighting": not args.no_weighting,
         "precision": precision,
+        "clip_skip": args.clip_skip,
     }
     try:
         return GenerationOptions(prompts, args.negative_prompt, **values)
@@ -198,13 +252,16 @@ def load_model(args: argparse.Namespace, kind: str | None = None) -> StableDiffu
     device = device_name(args.device)
     dtype = torch.float32 if precision_for(args) == "fp32" else None
     if args.ckpt is None:
-        return load_embedded(kind or EMBEDDED_COMMANDS.get(args.command), device=device, dtype=dtype)
-    try:
-        return load(
-            args.ckpt, config=args.config, device=device, dtype=dtype, base=getattr(args, "base", None)
-        )
-    except HubUnavailableError as e:
-        raise UsageError(hub_error(args.ckpt, e)) from None
+        model = load_embedded(kind or EMBEDDED_COMMANDS.get(args.command), device=device, dtype=dtype)
+    else:
+        try:
+            model = load(
+                args.ckpt, config=args.config, device=device, dtype=dtype, base=getattr(args, "base", None)
+            )
+        except HubUnavailableError as e:
+            raise UsageError(hub_error(args.ckpt, e)) from None
+    add_adapters(args, model)
+    return model
 
 
 def hub_error(flag_value: str, error: HubUnavailableError, flag: str = "--ckpt") -> str:

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openldm.commands.common import UsageError, device_name, load_model, precision_for
+from openldm.commands.common import UsageError, check_adapter_flags, device_name, load_model, precision_for
+from openldm.commands.flags import Flags, adapter_flags
 from openldm.files import check_output_folder, write_atomically
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="score the renderer's images of the same scenes instead of generated ones (expect 100)",
     )
     add("--no-progress", action="store_true", help="no progress bar")
+    adapter_flags(Flags(parser, None, None))
     parser.set_defaults(run=run)
     return parser
 
@@ -200,6 +202,7 @@ def plan(args: argparse.Namespace) -> tuple[Setting, list[Setting], list[Setting
         check_output_folder(Path(args.json).resolve().parent, "--json's folder")
     if args.device is not None:
         device_name(args.device)  # a device this machine lacks: one line, before any work
+    check_adapter_flags(args)
     if args.ground_truth and args.sweep != "none":
         raise UsageError("--ground-truth scores the renderer's images: sweeps need a model (--sweep none)")
     _check_steps("--steps", [args.steps])

@@ -98,6 +98,12 @@ def sampling_flags(flags: Flags, *, steps: int, n_iter: int, n_samples: int, sca
         "--seed", type=int, default=42, help="the seed (for reproducible sampling; default: %(default)s)"
     )
     flags.add("--no-weighting", action="store_true", help="read (word:1.3), (word), [word] as plain text")
+    flags.add(
+        "--clip-skip",
+        type=int,
+        default=1,
+        help="use the text encoder's N-th layer from the end, as the web UI counts it (default: 1, the last)",
+    )
 
 
 def size_flags(flags: Flags, size: str) -> None:
@@ -132,6 +138,35 @@ def model_flags(flags: Flags, embedded: bool, ckpt: str | None = None) -> None:
         help="autocast: fp16 on a GPU, fp32 on the CPU; full: fp32 (default: %(default)s)",
     )
     flags.add("--device", help="cpu, cuda, cuda:1, mps... (default: cuda, else mps, else cpu)")
+    adapter_flags(flags)
+
+
+def adapter_flags(flags: Flags) -> None:
+    """LoRAs, embeddings and another VAE: what users add to a model."""
+    flags.add(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="a LoRA or LyCORIS file (kohya/web UI, diffusers/PEFT, LoCon, LoHa, LoKr) applied at WEIGHT "
+        "(default 1); repeat for several. Prompts may also say <lora:NAME:WEIGHT> (see --lora-dir)",
+    )
+    flags.add(
+        "--lora-dir",
+        action="append",
+        default=[],
+        help="a folder where the prompts' <lora:NAME:WEIGHT> find NAME.safetensors (repeatable)",
+    )
+    flags.add(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a textual inversion embedding (.pt, .safetensors, .bin); its file name is the word that "
+        "prompts use, as in the web UI: --embedding my-style.pt --prompt 'a cat, my-style'",
+    )
+    flags.add("--embeddings-dir", help="a folder of embeddings, each usable by its file name")
+    flags.add("--vae", help="decode with this VAE: an original or diffusers VAE file (e.g. ft-MSE) or folder")
 
 
 def add_generation_flags(

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -384,9 +384,7 @@ def run_settings(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The web UI's generation parameters shared by the images of a run, in its order."""
-    adapters = model.adapters
-    vae = adapters.vae_file
-    used = words_in([*options.prompt, *options.negative_prompt], adapters.embeddings)
+    vae = model.adapters.vae_file
     return {
         "Steps": options.steps,
         "Sampler": options.sampler_info.display_name,
@@ -401,13 +399,27 @@ def run_settings(
         "Clip skip": options.clip_skip if options.clip_skip > 1 else None,
         "Eta": options.sampler_options.get("eta"),
         "Fixed code": True if options.fixed_code and options.n_iter > 1 else None,
-        "Lora hashes": _hashes((u.file.name, u.file.short_hash) for u in adapters.patches.applied),
-        "TI hashes": _hashes((e.word, e.short_hash) for e in used),
+        **adapter_hashes(model, options),
     }
 
 
-def _hashes(pairs: Iterable[tuple[str, str]]) -> str | None:
-    return ", ".join(f"{name}: {digest}" for name, digest in pairs) or None
+def adapter_hashes(model: Model, options: GenerationOptions) -> dict[str, Any]:
+    """The LoRAs and embeddings a run uses, as the web UI writes them (``Lora hashes: "name: hash"``,
+    ``TI hashes``), and all hashes as Civitai's ``Hashes: {"lora:name": ...}`` JSON, which readers such
+    as sd-parsers take apart."""
+    adapters = model.adapters
+    loras = [(u.file.name, u.file.short_hash) for u in adapters.patches.applied]
+    words = words_in([*options.prompt, *options.negative_prompt], adapters.embeddings)
+    embeddings = [(e.word, e.short_hash) for e in words]
+    hashes = {f"lora:{name}": digest for name, digest in loras}
+    hashes.update({f"embed:{word}": digest for word, digest in embeddings})
+    if adapters.vae_file is not None:
+        hashes["vae"] = vae_hash(adapters.vae_file)
+    return {
+        "Lora hashes": ", ".join(f"{n}: {h}" for n, h in loras) or None,
+        "TI hashes": ", ".join(f"{n}: {h}" for n, h in embeddings) or None,
+        "Hashes": hashes or None,
+    }
 
 
 def use_adapters(model: Model, prompts: list[str]) -> list[str]:

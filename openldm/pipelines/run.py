@@ -178,9 +178,9 @@ def generate(model: Model, task: Task, options: GenerationOptions) -> Generation
     seed, generator = make_generator(options.seed, options.generator)
     full = sampling_sigmas(model, options.sampler_info, options.steps, options.karras)
     sigmas = task.schedule(full, options.steps)
-    settings = run_settings(model, options, seed=seed, width=width, height=height, extra=task.settings())
     prompts, negatives = options.batch()
     texts = use_adapters(model, prompts)
+    settings = run_settings(model, options, seed=seed, width=width, height=height, extra=task.settings())
     with torch.inference_mode():
         with autocast(device_of(model.unet), options.precision):
             cond, uncond = conditioning(model, texts, negatives, options)
