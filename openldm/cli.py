@@ -20,7 +20,7 @@ from openldm.commands.text_image import add_parsers as add_text_image_parsers
 from openldm.train.cli import add_train_parser
 
 # The rest of the family's commands: openldm/commands/<name>.py, each with add_parser and run.
-FAMILY_COMMANDS: tuple[str, ...] = ("inpaint", "depth2img", "upscale", "variations", "eval")
+FAMILY_COMMANDS: tuple[str, ...] = ("inpaint", "depth2img", "upscale", "variations", "eval", "merge")
 THREADS_HELP = (
     "CPU threads for torch (default: torch's, one per core: the fastest on an idle machine, e.g. 0.86 s "
     "against 1.11 s for 3 images of the embedded model on 2 cores; on a CPU that other busy processes "
