@@ -188,7 +188,7 @@ def test_peft_lora_and_two_loras_at_once_match_diffusers(pairs, tmp_path) -> Non
         _compare("peft + kohya sd1", _images(model), both, plain)
     finally:
         model.unload_lora()
-    assert model.adapters.patches.originals == {}
+    assert model.adapters.patches.changed() == []
 
 
 def _weights(model: Any) -> dict[str, torch.Tensor]:
@@ -616,3 +616,79 @@ def test_bad_adapter_files_give_one_line_errors(embedded, tmp_path, capsys) -> N
         assert code == 2, (name, err)
         assert message in err and err.count("\n") == 1, (name, err)
         assert not out.exists() or not any(out.rglob("*.png")), name
+
+
+def test_lora_tags_in_prompts() -> None:
+    from openldm.prompts import lora_tags
+
+    text, tags = lora_tags("a cat <lora:ink:0.5>, <lyco:grain>, (red:1.2) <lora:two:0.2:0.9><hypernet:x:1>")
+    assert text == "a cat , , (red:1.2) <hypernet:x:1>"
+    assert tags == [("ink", 0.5, 0.5), ("grain", 1.0, 1.0), ("two", 0.2, 0.9)]
+    with pytest.raises(ValueError, match="must be a number"):
+        lora_tags("<lora:ink:strong>")
+
+
+def test_a_tag_changes_only_its_generation_and_weights_per_network(embedded, tmp_path) -> None:
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    kohya_lora_for(embedded, folder / "ink.safetensors", seed=6)
+    model = embedded
+    model.add_lora_dir(folder)
+    plain = _weights(model)
+    try:
+        tagged = model.txt2img("a red circle <lora:ink:0.4:0.9>", steps=2, seed=1, progress=False)
+        assert 'Lora hashes: "ink: ' in tagged.parameters[0]
+        patched = _weights(model)
+        unet_changed = [k for k in plain if k.startswith("unet.") and not torch.equal(plain[k], patched[k])]
+        text_changed = [k for k in plain if k.startswith("text.") and not torch.equal(plain[k], patched[k])]
+        assert unet_changed and text_changed
+        untagged = model.txt2img("a red circle", steps=2, seed=1, progress=False)
+        assert "Lora hashes" not in untagged.parameters[0]
+        assert all(torch.equal(plain[k], v) for k, v in _weights(model).items())
+        with pytest.raises(ValueError, match="two different weights"):
+            model.txt2img(["<lora:ink:0.4>", "<lora:ink:0.5>"], steps=2, progress=False)
+    finally:
+        model.adapters.lora_dirs.clear()
+        model.unload_lora()
+
+
+def test_weights_come_back_from_the_file_or_from_copies(tiny_single_file, tmp_path) -> None:
+    import shutil
+
+    import openldm
+    from openldm.adapters.patcher import SourceChangedError
+
+    path = tmp_path / "model.safetensors"
+    shutil.copy(tiny_single_file("sd1"), path)
+    model = openldm.load(path)
+    lora = kohya_lora_for(model, tmp_path / "style.safetensors", seed=9)
+    before = _weights(model)
+    # Loaded from a file and unchanged: nothing is copied, the file is the way back.
+    model.load_lora(lora)
+    assert model.adapters.patches.kept_bytes() == 0 and len(model.adapters.patches.changed()) > 20
+    model.unload_lora()
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    # A weight changed since loading is copied, and comes back as it was changed.
+    with torch.no_grad():
+        model.text_encoder.text_model.encoder.layers[0].self_attn.q_proj.weight.mul_(2)
+    edited = _weights(model)
+    model.load_lora(lora)
+    assert 0 < model.adapters.patches.kept_bytes() < 10**6
+    model.unload_lora()
+    assert all(torch.equal(edited[k], v) for k, v in _weights(model).items())
+    # In half precision, as stored.
+    half = openldm.load(path, dtype=torch.float16)
+    stored = _weights(half)
+    half.load_lora(lora, 0.5)
+    assert not all(torch.equal(stored[k], v) for k, v in _weights(half).items())
+    half.unload_lora()
+    assert all(torch.equal(stored[k], v) for k, v in _weights(half).items())
+    # The file replaced while a LoRA is applied: the weights cannot come back from it, and it is said.
+    model.load_lora(lora)
+    shutil.copy(
+        kohya_lora_for(model, tmp_path / "unused.safetensors", seed=1), tmp_path / "unused2.safetensors"
+    )
+    sd = safetensors.torch.load_file(str(path))
+    safetensors.torch.save_file({k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}, str(path))
+    with pytest.raises(SourceChangedError, match="changed on disk"):
+        model.unload_lora()

@@ -83,6 +83,16 @@ def _lokr(p: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.kron(w1, w2.contiguous())
 
 
+def low_rank(change: LayerChange) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A plain LoRA's change as two float32 matrices ``(up * alpha / rank, down)`` whose product is the
+    weight's change flattened to ``[out, in * kernel]`` (None for every other kind): it can then be
+    added into the weight by one ``addmm``, without a change-sized temporary."""
+    if change.kind != "lora" or "mid" in change.parts:
+        return None
+    up, down = change.parts["up"].float().flatten(1), change.parts["down"].float().flatten(1)
+    return up * change.scale(), down
+
+
 def weight_change(change: LayerChange, shape: torch.Size) -> torch.Tensor:
     """The change to a weight of ``shape``, float32, scaled by ``alpha / rank`` (not by the user's weight).
 

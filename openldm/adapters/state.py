@@ -13,13 +13,15 @@ from torch import nn
 from openldm.adapters.embeddings import Embedding, install, read_embedding
 from openldm.adapters.lora_files import LoraFile, file_hash, find_lora, read_lora
 from openldm.adapters.names import Network, layer_table
-from openldm.adapters.patcher import LoraUse, Patches
+from openldm.adapters.patcher import LoraUse, Patches, Source
 from openldm.checkpoints.vae_file import read_vae
 from openldm.config import ModelSpec
 from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.unet import UNetModel
 from openldm.nn.vae import AutoencoderKL
 from openldm.tokenizer import CLIPTokenizer
+
+FILES_KEPT = 16  # LoRA files kept read (memory-mapped) for the next generation that names them
 
 
 @dataclass
@@ -44,6 +46,11 @@ class AdapterModel(Protocol):
     text_encoder: CLIPTextEncoder
     tokenizer: CLIPTokenizer
     adapters: Adapters
+    reread: Source | None
+
+
+def _apply(model: AdapterModel, uses: tuple[LoraUse, ...]) -> None:
+    model.adapters.patches.apply(_networks(model), uses, model.reread)
 
 
 def _networks(model: AdapterModel) -> dict[Network, nn.Module]:
@@ -63,7 +70,11 @@ def _read(model: AdapterModel, path: Path) -> LoraFile:
         layer: networks[layer.network].get_submodule(layer.path).weight for layer in set(layers.values())
     }
     file = read_lora(path, layers, weights, model.spec.unet.context_dim, model.spec.variant)
-    model.adapters.files[key] = file
+    files = model.adapters.files
+    in_use = {id(u.file) for u in model.adapters.patches.applied}
+    for old in [k for k, f in files.items() if id(f) not in in_use][: max(0, len(files) + 1 - FILES_KEPT)]:
+        del files[old]  # the least recently read files go first (a server sees many prompts' LoRAs)
+    files[key] = file
     return file
 
 
@@ -75,7 +86,7 @@ def load_lora(
     file = _read(model, Path(path))
     use = LoraUse(file, float(weight), float(weight if text_weight is None else text_weight))
     loras = [u for u in model.adapters.loras if u.file.path != file.path] + [use]
-    model.adapters.patches.apply(_networks(model), tuple(loras))
+    _apply(model, tuple(loras))
     model.adapters.loras = loras
     return file
 
@@ -87,7 +98,7 @@ def unload_lora(model: AdapterModel, name: str | None = None) -> None:
     if name is not None and len(kept) == len(model.adapters.loras):
         loaded = ", ".join(u.file.name for u in model.adapters.loras) or "none"
         raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
-    model.adapters.patches.apply(_networks(model), tuple(kept))
+    _apply(model, tuple(kept))
     model.adapters.loras = kept
 
 
@@ -102,7 +113,7 @@ def activate(model: AdapterModel, tags: list[tuple[str, float, float]]) -> tuple
     for name, (text, unet) in wanted.items():
         file = _read(model, find_lora(name, model.adapters.lora_dirs))
         uses.append(LoraUse(file, unet, text))
-    model.adapters.patches.apply(_networks(model), tuple(uses))
+    _apply(model, tuple(uses))
     return tuple(uses)
 
 

@@ -134,6 +134,9 @@ class Networks:
     depth_estimator: MiDaSDepthEstimator | None = None
     image_encoder: CLIPVisionEncoder | None = None
     unbuilt: dict[str, str] = field(default_factory=dict)
+    # The files the networks were loaded from, to read their weights again (for whoever changed them and
+    # wants them back exactly); None when the networks were not loaded from files.
+    reread: SourceFiles | None = field(default=None, repr=False, compare=False)
 
 
 class LoadOptions(TypedDict, total=False):
@@ -203,14 +206,9 @@ def load(
     path = Path(source)
     if base is not None and not path.is_file():
         raise ValueError(f"base= is for UNet-only variant files; {source} is not a file")
-    if path.is_dir():
-        parts = _diffusers_parts(path, variant)
-    elif path.is_file():
-        parts = _single_file_parts(path, config, base)
-    elif _HUB_ID.fullmatch(source) and not source.endswith(_CHECKPOINT_SUFFIXES):
-        parts = _diffusers_parts(_download(source, variant), variant)
-    else:
-        raise MissingWeightsError(source, "no such file or folder", "Check the path")
+    if _HUB_ID.fullmatch(source) and not source.endswith(_CHECKPOINT_SUFFIXES) and not path.exists():
+        path = _download(source, variant)
+    parts = _parts(path, source, config, variant, base)
     spec = _spec(parts, source, prediction_type, preset)
     parts.tokenizer.pad_token_id = spec.text.pad_token_id  # a preset may pad differently
     unet = build_network(UNetModel, spec.unet, parts.unet, "unet", source, dtype, device)
@@ -228,7 +226,45 @@ def load(
         depth_estimator=extra.depth_estimator,
         image_encoder=extra.image_encoder,
         unbuilt=extra.unbuilt,
+        reread=SourceFiles(path, source, config, variant, base),
     )
+
+
+def _parts(
+    path: Path,
+    source: str,
+    config: str | os.PathLike[str] | None,
+    variant: str | None,
+    base: str | os.PathLike[str] | None,
+) -> _Parts:
+    if path.is_dir():
+        return _diffusers_parts(path, variant)
+    if path.is_file():
+        return _single_file_parts(path, config, base)
+    raise MissingWeightsError(source, "no such file or folder", "Check the path")
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """Where loaded networks came from: :meth:`read` gives the UNet's and the text encoder's weights
+    again (memory-mapped, our layout, stored dtype), :meth:`stamp` the size and modification time of
+    every file there, to tell whether they changed since."""
+
+    path: Path
+    source: str
+    config: str | os.PathLike[str] | None
+    variant: str | None
+    base: str | os.PathLike[str] | None
+
+    def read(self) -> dict[str, StateDict]:
+        parts = _parts(self.path, self.source, self.config, self.variant, self.base)
+        return {"unet": parts.unet, "text_encoder": parts.text}
+
+    def stamp(self) -> tuple[tuple[str, int, int], ...]:
+        paths = [self.path, *([Path(self.base)] if self.base is not None else [])]
+        files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p])]
+        stats = [(os.fspath(f), f.stat()) for f in files if f.is_file()]
+        return tuple((name, info.st_size, info.st_mtime_ns) for name, info in stats)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

@@ -89,7 +89,7 @@ def _bake(merged: dict, loras: list[str], temporary: Path) -> dict:
         path, weight = lora_flag(value)
         model.load_lora(path, weight)
     out = dict(merged)
-    changed = model.adapters.patches.originals
+    changed = model.adapters.patches.changed()
     for network, name in changed:
         if network == "unet":
             key = UNET_PREFIX + name
