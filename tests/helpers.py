@@ -19,3 +19,10 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = 
     err = relative_error(actual, expected)
     assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
     return err
+
+
+# Printed last by a child Python: its peak memory in KiB. VmHWM is its own address space's; ru_maxrss
+# would also count the test process's memory, which a forked child carries until it runs Python.
+PRINT_PEAK_KIB = (
+    "\nprint(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:')))\n"
+)

@@ -8,6 +8,7 @@ LoKr, full and norm files) for the change each of its modules makes to its layer
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any
 
@@ -587,9 +588,7 @@ def _bad_files(model: Any, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     wide = tmp_path / "wide.safetensors"
     safetensors.torch.save_file({"emb_params": torch.randn(2, 768)}, str(wide))
     evil = tmp_path / "evil.pt"
-    torch.save(
-        {"string_to_param": {"*": torch.zeros(1, width)}, "hook": __import__("collections").Counter()}, evil
-    )
+    torch.save({"string_to_param": {"*": torch.zeros(1, width)}, "hook": collections.Counter()}, evil)
     folder = tmp_path / "loras"
     folder.mkdir(exist_ok=True)
     return {
@@ -692,3 +691,25 @@ def test_weights_come_back_from_the_file_or_from_copies(tiny_single_file, tmp_pa
     safetensors.torch.save_file({k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}, str(path))
     with pytest.raises(SourceChangedError, match="changed on disk"):
         model.unload_lora()
+
+
+def test_embeddings_dir_and_negative_prompt_words(embedded, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from openldm.images import parse_parameters
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    width = embedded.spec.text.width
+    safetensors.torch.save_file({"emb_params": torch.randn(2, width)}, str(folder / "glossy.safetensors"))
+    torch.save({"string_to_param": {"*": torch.randn(1, width)}}, folder / "bad-shapes.pt")
+    (folder / "notes.txt").write_text("not an embedding")
+    out = tmp_path / "out"
+    argv = ["txt2img", "--outdir", out, *FAST, "--embeddings-dir", folder]
+    code, err = _run(
+        capsys, *argv, "--prompt", "a glossy red circle", "--negative-prompt", "(bad-shapes:1.3)"
+    )
+    assert code == 0, err
+    params = parse_parameters(Image.open(out / "samples" / "00000.png").info["parameters"])
+    used = dict(item.split(": ") for item in params["TI hashes"].split(", "))
+    assert set(used) == {"glossy", "bad-shapes"}

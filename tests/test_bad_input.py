@@ -27,6 +27,7 @@ from openldm.images import read_parameters
 from openldm.pipelines import memory
 from openldm.pipelines.memory import InsufficientMemoryError, Request, estimate
 from openldm.sampling.samplers import SAMPLERS
+from tests.helpers import PRINT_PEAK_KIB
 
 FAST = ["--H", "32", "--W", "32", "--ddim_steps", "2", "--n_samples", "2", "--n_iter", "1"]
 MISSING = "no-such-model.safetensors"
@@ -159,11 +160,9 @@ def test_a_failed_replacement_keeps_the_old_file(tmp_path) -> None:
 def _child_peak(argv: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run ``openldm argv`` in a child Python; its result and its peak memory in GiB."""
     code = (
-        "import resource, sys\n"
-        "from openldm.cli import main\n"
-        "status = main(sys.argv[1:])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-        "sys.exit(status)\n"
+        "import sys\nfrom openldm.cli import main\nstatus = main(sys.argv[1:])\n"
+        + PRINT_PEAK_KIB
+        + "sys.exit(status)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=cwd, timeout=300

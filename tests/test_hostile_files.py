@@ -20,6 +20,7 @@ import torch
 
 from openldm.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from openldm.checkpoints.read import read_state_dict, read_torch_zip
+from tests.helpers import PRINT_PEAK_KIB
 
 # --- building files --------------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ def test_build_on_a_fresh_ordereddict_drops_its_state(tmp_path, clean) -> None:
 
 def _child(code: str, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run ``code`` in a child Python; its result and its peak memory in GiB (the child prints it)."""
-    script = code + "\nimport resource\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    script = code + PRINT_PEAK_KIB
     result = subprocess.run(
         [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout
     )

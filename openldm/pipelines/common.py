@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from openldm.adapters import Adapters, activate
 from openldm.adapters.embeddings import words_in
+from openldm.adapters.patcher import Source
 from openldm.adapters.state import vae_hash
 from openldm.config import ModelSpec, Variant
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
@@ -85,6 +86,7 @@ class Model(Protocol):
     image_encoder: CLIPVisionEncoder | None
     unbuilt: dict[str, str]
     adapters: Adapters
+    reread: Source | None
 
 
 # --- checks ------------------------------------------------------------------------------------
