@@ -71,7 +71,7 @@ def write_kohya_lora(pipe: Any, path: Path, seed: int, rank: int = 4) -> Path:
     return path
 
 
-def _images(model: Any, prompt: str = PROMPT, negative: str = NEGATIVE, **options: Any) -> np.ndarray:
+def _generate(model: Any, prompt: str = PROMPT, negative: str = NEGATIVE, **options: Any) -> Any:
     return model.txt2img(
         prompt,
         negative,
@@ -82,7 +82,11 @@ def _images(model: Any, prompt: str = PROMPT, negative: str = NEGATIVE, **option
         output_type="np",
         progress=False,
         **options,
-    ).images
+    )
+
+
+def _images(model: Any, prompt: str = PROMPT, negative: str = NEGATIVE, **options: Any) -> np.ndarray:
+    return _generate(model, prompt, negative, **options).images
 
 
 def _theirs(pipe: Any, prompt: str = PROMPT, **options: Any) -> np.ndarray:
@@ -399,17 +403,7 @@ def test_clip_skip_matches_diffusers(pairs, variant: str) -> None:
         negative_prompt_embeds=_skipped_embeds(pair.txt2img, NEGATIVE, 1),
         negative_prompt=None,
     )
-    result = pair.model.txt2img(
-        PROMPT,
-        NEGATIVE,
-        steps=STEPS,
-        width=SIZE,
-        height=SIZE,
-        seed=7,
-        output_type="np",
-        progress=False,
-        clip_skip=2,
-    )
+    result = _generate(pair.model, clip_skip=2)
     _compare(f"clip skip {variant}", result.images, theirs, plain)
     assert "Clip skip: 2" in result.parameters[0]
     with pytest.raises(ValueError, match="clip_skip must be at most 2"):
@@ -453,9 +447,7 @@ def test_vae_swap_matches_diffusers_with_that_vae(pairs, tmp_path, layout: str) 
     own_vae = model.vae
     model.load_vae(paths[layout])
     try:
-        result = model.txt2img(
-            PROMPT, NEGATIVE, steps=STEPS, width=SIZE, height=SIZE, seed=7, output_type="np", progress=False
-        )
+        result = _generate(model)
     finally:
         model.load_vae(None)
     assert model.vae is own_vae
@@ -585,6 +577,18 @@ def _bad_files(model: Any, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         1,
         **{"lora_unet_mid_block_attentions_0_proj_in.dora_scale": torch.ones(4)},
     )
+    text_only = tmp_path / "text-for-sd2.safetensors"
+    safetensors.torch.save_file(
+        {
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(4, 1024),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(width, 4),
+        },
+        str(text_only),
+    )
+    nan = kohya_lora_for(model, tmp_path / "nan.safetensors", 1)
+    nan_sd = safetensors.torch.load_file(str(nan))
+    next(v for k, v in nan_sd.items() if k.endswith("lora_up.weight"))[0, 0] = float("nan")
+    safetensors.torch.save_file(nan_sd, str(nan))
     wide = tmp_path / "wide.safetensors"
     safetensors.torch.save_file({"emb_params": torch.randn(2, 768)}, str(wide))
     evil = tmp_path / "evil.pt"
@@ -595,6 +599,8 @@ def _bad_files(model: Any, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "unknown key": (["--lora", unknown], "'lora_unet_no_such_layer' names no layer of this sd1 model"),
         "SD 2 LoRA": (["--lora", sd2], "the file was made for SD 2.x"),
         "SDXL LoRA": (["--lora", sdxl], "made for SDXL"),
+        "SD 2 text LoRA": (["--lora", text_only], "the file was made for SD 2.x"),
+        "NaN": (["--lora", nan], "holds NaN or infinite values"),
         "DoRA": (["--lora", dora], "DoRA (weight-decomposed LoRA), which openldm does not apply"),
         "missing file": (["--lora", tmp_path / "nothing.safetensors:0.5"], "no such file"),
         "missing tag": (["--lora-dir", folder, "--prompt", "a <lora:absent:1>"], "no LoRA named 'absent'"),

@@ -63,6 +63,7 @@ _KIND_NEEDS: dict[Kind, tuple[tuple[str, ...], ...]] = {
 _SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 _CONTEXT_KEY = re.compile(r"attn2[._]to_k")
+_TEXT_KEY = re.compile(r"self_attn[._]q_proj")
 _SD_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -102,10 +103,12 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def _context_width(sd: Mapping[str, torch.Tensor]) -> int | None:
-    for key, value in sd.items():
-        split = _split(key)
-        if split and split[1] == "down" and _CONTEXT_KEY.search(split[0]) and value.ndim == 2:
-            return int(value.shape[1])
+    """The text width the file was made for: its cross-attention keys' inputs, else its text encoder's."""
+    for pattern in (_CONTEXT_KEY, _TEXT_KEY):
+        for key, value in sd.items():
+            split = _split(key)
+            if split and split[1] == "down" and pattern.search(split[0]) and value.ndim == 2:
+                return int(value.shape[1])
     return None
 
 
@@ -241,6 +244,8 @@ def read_lora(
         )
         if alpha is not None and not math.isfinite(alpha):
             raise _fail(path, f"layer {excerpt(name)} has alpha {alpha}", "The file is damaged")
+        if not all(bool(torch.isfinite(t).all()) for t in parts.values()):
+            raise _fail(path, f"layer {excerpt(name)} holds NaN or infinite values", "The file is damaged")
         change = LayerChange(_kind(path, name, parts), parts, alpha)
         _check_fits(path, name, change, weights[layer], width)
         changes[layer] = change
