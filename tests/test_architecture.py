@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"pipelines"},
     {"model"},
     {"train", "commands"},
+    {"server"},
     {"cli"},
     {"__main__"},
 ]

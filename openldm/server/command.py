@@ -1,0 +1,108 @@
+"""``openldm serve``: the HTTP API and the job queue, on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+DESCRIPTION = """\
+Serve the web UI's HTTP API (/sdapi/v1: txt2img, img2img, samplers, sd-models, loras, embeddings,
+options, progress, interrupt, png-info) and a job queue (/jobs: queue, follow, cancel) over one model,
+the embedded one by default. Jobs are kept in SQLite in --data: a job accepted survives a restart."""
+EPILOG = """\
+examples:
+  openldm serve                                   # the embedded model on http://127.0.0.1:7860
+  openldm serve --ckpt v1-5-pruned-emaonly.safetensors --lora-dir loras --api-key s3cret
+  curl -s localhost:7860/jobs -d '{"type": "txt2img", "prompt": "a red circle", "steps": 20}'"""
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the web UI's API and a job queue",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    add("--port", type=int, default=7860, help="port (default: %(default)s, the web UI's)")
+    add("--ckpt", help="the model to start with (default: the embedded model)")
+    add("--ckpt-dir", help="a folder of checkpoints that /sdapi/v1/options can switch to")
+    add(
+        "--lora-dir",
+        action="append",
+        default=[],
+        help="where <lora:NAME:WEIGHT> finds its files (repeatable)",
+    )
+    add("--embeddings-dir", help="a folder of textual inversion embeddings")
+    add("--api-key", help="ask every request but the page for this key (Bearer, X-API-Key or Basic)")
+    add(
+        "--data",
+        default="openldm-server",
+        help="where the queue and the images are kept (default: %(default)s)",
+    )
+    add("--device", help="cpu, cuda, mps... (default: cuda, else mps, else cpu)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _checkpoints(folder: str | None) -> dict[str, Path]:
+    if folder is None:
+        return {}
+    root = Path(folder)
+    if not root.is_dir():
+        from openldm.commands.common import UsageError
+
+        raise UsageError(f"--ckpt-dir {folder!r} is not a folder")
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES}
+
+
+def make_loader(args: argparse.Namespace) -> Any:
+    """``load(checkpoint or None)``: a model with the server's adapters (LoRA folders, embeddings)."""
+    from openldm.commands.common import EMBEDDING_SUFFIXES, device_name
+    from openldm.model import load
+
+    device = device_name(args.device)
+
+    def load_model(checkpoint: str | None) -> Any:
+        model = load(checkpoint, device=device)
+        for folder in args.lora_dir:
+            model.add_lora_dir(folder)
+        if args.embeddings_dir:
+            for path in sorted(Path(args.embeddings_dir).iterdir()):
+                if path.is_file() and path.suffix in EMBEDDING_SUFFIXES:
+                    model.load_embedding(path)
+        return model
+
+    return load_model
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        from openldm.commands.common import UsageError
+
+        raise UsageError("openldm serve needs FastAPI and uvicorn: pip install 'openldm[serve]'") from None
+
+    from openldm.server.app import Settings, create_app
+    from openldm.server.store import Store
+    from openldm.server.worker import Worker
+
+    settings = Settings(api_key=args.api_key, checkpoints=_checkpoints(args.ckpt_dir))
+    store = Store(args.data)
+    recovered = store.recover()
+    worker = Worker(store, make_loader(args), args.ckpt)
+    worker.start()
+    if recovered:
+        print(f"openldm: {recovered} job(s) left running by the last server run again")
+    try:
+        uvicorn.run(create_app(store, worker, settings), host=args.host, port=args.port, log_level="warning")
+    finally:
+        worker.stop()
+        store.close()
+    return 0

@@ -1,0 +1,258 @@
+"""``openldm serve``, a real server on uvicorn in a child process, driven by ``webuiapi`` (the web UI's
+third-party client) and by plain HTTP for the job queue and the bad inputs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+webuiapi = pytest.importorskip("webuiapi")
+
+KEY = "s3cret-key"
+PROMPT = "a red circle in the centre on a blue background"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``openldm serve`` in a child process."""
+
+    def __init__(self, data: Path, extra: list[str]) -> None:
+        self.data, self.extra = data, extra
+        self.port = _free_port()
+        self.process: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        argv = [sys.executable, "-m", "openldm", "serve", "--port", str(self.port), "--data", str(self.data)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(
+            [*argv, "--api-key", KEY, "--threads", "1", *self.extra],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/sdapi/v1/samplers", headers=AUTH, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the server ended: {self.process.stdout.read() if self.process.stdout else ''}"
+                )
+            time.sleep(0.2)
+        raise TimeoutError("the server did not answer within 60 s")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_single_file) -> dict[str, Path]:
+    import shutil
+
+    root = tmp_path_factory.mktemp("server")
+    checkpoints = root / "checkpoints"
+    checkpoints.mkdir()
+    shutil.copy(tiny_single_file("sd1"), checkpoints / "tiny-sd1.safetensors")
+    return {"root": root, "checkpoints": checkpoints}
+
+
+@pytest.fixture(scope="module")
+def server(folders) -> Iterator[Server]:
+    running = Server(folders["root"] / "data", ["--ckpt-dir", str(folders["checkpoints"])]).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def api(server) -> Any:
+    client = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=8)
+    client.set_auth("user", KEY)
+    return client
+
+
+def _png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _wait(server: Server, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{server.url}/jobs/{job_id}", headers=AUTH).json()
+        if job["state"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(job_id)
+
+
+def test_txt2img_through_webuiapi_is_the_python_api_image(api) -> None:
+    import openldm
+
+    result = api.txt2img(prompt=PROMPT, width=64, height=64, seed=3, cfg_scale=7.5, batch_size=2)
+    assert [im.size for im in result.images] == [(64, 64), (64, 64)]
+    assert result.info["all_seeds"] == [3, 3] and "Sampler: Euler a" in result.info["infotexts"][0]
+    again = api.txt2img(prompt=PROMPT, width=64, height=64, seed=3, cfg_scale=7.5, batch_size=2)
+    assert np.array_equal(np.asarray(again.images[1]), np.asarray(result.images[1]))
+    options = {"steps": 8, "width": 64, "height": 64, "seed": 3, "guidance_scale": 7.5, "eta": 1.0}
+    ours = openldm.load().txt2img(PROMPT, sampler="euler_a", n_samples=2, progress=False, **options)
+    difference = np.abs(np.asarray(ours.images[1], dtype=int) - np.asarray(result.images[1], dtype=int))
+    assert difference.max() <= 1  # the same computation in another process (threads may round apart)
+
+
+def test_img2img_inpainting_png_info_samplers_and_models(api, server) -> None:
+    init = Image.new("RGB", (64, 64), (20, 40, 200))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    result = api.img2img(
+        images=[init], mask_image=mask, prompt=PROMPT, denoising_strength=0.8, width=64, height=64
+    )
+    assert result.image.size == (64, 64)
+    plain = api.img2img(images=[init], prompt=PROMPT, denoising_strength=0.5, width=64, height=64, seed=1)
+    info = api.png_info(plain.image)
+    assert info.info.startswith(PROMPT) and "Denoising strength: 0.5" in info.info
+    assert "Euler a" in [s["name"] for s in api.get_samplers()]
+    assert api.util_get_model_names() == ["embedded", "tiny-sd1.safetensors"]
+    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+
+
+def test_options_switch_the_checkpoint(api) -> None:
+    assert api.get_options()["sd_model_checkpoint"] == "embedded"
+    api.set_options({"sd_model_checkpoint": "tiny-sd1.safetensors"})
+    try:
+        assert api.get_options()["sd_model_checkpoint"].endswith("tiny-sd1.safetensors")
+        result = api.txt2img(prompt="a fox", width=64, height=64, steps=2)
+        assert "Model: tiny-sd1" in result.info["infotexts"][0]
+    finally:
+        api.set_options({"sd_model_checkpoint": "embedded"})
+    assert api.get_options()["sd_model_checkpoint"] == "embedded"
+
+
+def test_jobs_answer_at_once_report_progress_and_previews_and_cancel(api, server) -> None:
+    body = {"type": "txt2img", "prompt": PROMPT, "steps": 60, "width": 64, "height": 64, "seed": 5}
+    first = httpx.post(f"{server.url}/jobs", json=body, headers=AUTH)
+    second = httpx.post(f"{server.url}/jobs", json={**body, "seed": 6}, headers=AUTH)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["state"] == "queued" and second.json()["position"] >= 1
+    deadline = time.monotonic() + 60
+    progress = api.get_progress()
+    while not (progress["progress"] > 0 and progress["current_image"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        progress = api.get_progress()
+    assert progress["state"]["job"] == first.json()["id"] and 0 < progress["progress"] <= 1
+    assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (64, 64)
+    cancelled = httpx.delete(f"{server.url}/jobs/{second.json()['id']}", headers=AUTH).json()
+    assert cancelled["state"] == "cancelled"
+    with httpx.stream(
+        "GET", f"{server.url}/jobs/{first.json()['id']}/events", headers=AUTH, timeout=120
+    ) as events:
+        lines = [line for line in events.iter_lines() if line.startswith("event: ")]
+    assert lines[-1] == "event: done" and lines.count("event: progress") >= 2
+    done = _wait(server, first.json()["id"])
+    assert done["state"] == "done" and done["progress"] == 1.0
+    png = httpx.get(server.url + done["images"][0], headers=AUTH)
+    assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size == (64, 64)
+    assert _wait(server, second.json()["id"])["state"] == "cancelled"
+
+
+def test_interrupt_stops_the_running_job(api, server) -> None:
+    body = {"type": "txt2img", "prompt": PROMPT, "steps": 400, "width": 64, "height": 64}
+    job = httpx.post(f"{server.url}/jobs", json=body, headers=AUTH).json()
+    deadline = time.monotonic() + 60
+    while api.get_progress()["state"]["job"] != job["id"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    api.interrupt()
+    assert _wait(server, job["id"], 60)["state"] == "cancelled"
+
+
+def test_bad_requests_are_refused_with_their_field(server) -> None:
+    url = server.url
+    assert httpx.get(url + "/sdapi/v1/samplers").status_code == 401
+    assert httpx.get(url + "/sdapi/v1/samplers", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+    def field_of(response: httpx.Response) -> str:
+        assert response.status_code == 422, response.text
+        return response.json()["detail"][0]["loc"][-1]
+
+    post = lambda path, body: httpx.post(url + path, json=body, headers=AUTH, timeout=60)  # noqa: E731
+    assert field_of(post("/sdapi/v1/txt2img", {"prompt": "x", "width": 500})) == "width"
+    assert field_of(post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 0})) == "steps"
+    assert field_of(post("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Banana"})) == "sampler_name"
+    assert field_of(post("/sdapi/v1/img2img", {"init_images": ["not base64!"]})) == "init_images"
+    huge = Image.new("L", (10_000, 10_000))  # 100 megapixels, a few hundred KB as a PNG
+    response = post("/sdapi/v1/img2img", {"init_images": [_png_b64(huge)]})
+    assert field_of(response) == "init_images" and "more than" in response.json()["detail"][0]["msg"]
+    assert (
+        field_of(post("/sdapi/v1/options", {"sd_model_checkpoint": "../../etc/passwd"}))
+        == "sd_model_checkpoint"
+    )
+    bad_json = httpx.post(
+        url + "/jobs", content=b"{not json", headers={**AUTH, "content-type": "application/json"}
+    )
+    assert field_of(bad_json) == "body"
+    big = httpx.post(
+        url + "/jobs", content=b"x" * (65 * 2**20), headers={**AUTH, "content-type": "application/json"}
+    )
+    assert big.status_code == 413
+
+
+def test_a_job_survives_a_killed_server(folders) -> None:
+    data = folders["root"] / "restart"
+    first = Server(data, []).start()
+    try:
+        body = {"type": "txt2img", "prompt": PROMPT, "steps": 300, "width": 64, "height": 64, "seed": 9}
+        job = httpx.post(f"{first.url}/jobs", json=body, headers=AUTH).json()
+        queued = httpx.post(f"{first.url}/jobs", json={**body, "steps": 4}, headers=AUTH).json()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{first.url}/jobs/{job['id']}", headers=AUTH).json()["step"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        first.kill()  # kill -9 mid-job
+    second = Server(data, []).start()
+    try:
+        done = _wait(second, job["id"], 180)
+        assert done["state"] == "done" and done["attempts"] == 2
+        assert _wait(second, queued["id"])["state"] == "done"
+        assert json.loads(json.dumps(done["info"]))["all_seeds"] == [9]
+    finally:
+        second.stop()
