@@ -256,3 +256,54 @@ def test_a_job_survives_a_killed_server(folders) -> None:
         assert json.loads(json.dumps(done["info"]))["all_seeds"] == [9]
     finally:
         second.stop()
+
+
+def _chromium() -> Any:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    for path in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
+        if not Path(path).exists():
+            pytest.fail(f"{path} is missing: .ci/run installs Debian's chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,1000"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def test_the_page_makes_an_image_and_shows_its_parameters(server) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = _chromium()
+    try:
+        driver.get(server.url)
+        driver.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
+        wait = WebDriverWait(driver, 90)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 5)
+        Select(driver.find_element(By.ID, "sampler")).select_by_visible_text("DDIM")
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("a green square on a yellow background")
+        for field, value in (("steps", "6"), ("seed", "11")):
+            element = driver.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        before = len(driver.find_elements(By.CSS_SELECTOR, ".result"))
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) > before)
+        card = driver.find_elements(By.CSS_SELECTOR, ".result")[0]
+        text = card.find_element(By.CSS_SELECTOR, "pre.parameters").text
+        assert text.startswith("a green square on a yellow background")
+        assert "Steps: 6, Sampler: DDIM" in text and "Seed: 11" in text
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".result img[src^='blob:']")))
+        assert driver.execute_script("return document.querySelector('.result img').naturalWidth") == 64
+        assert driver.find_element(By.ID, "error").text == ""
+        screenshot = os.environ.get("OPENLDM_SCREENSHOT")
+        if screenshot:
+            driver.save_screenshot(screenshot)
+    finally:
+        driver.quit()

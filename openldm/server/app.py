@@ -99,11 +99,26 @@ def create_app(store: Store, worker: Worker, settings: Settings) -> FastAPI:
 
     @app.middleware("http")
     async def api_key(request: Request, call_next: Any) -> Response:
-        if settings.api_key and request.url.path != "/" and not _authorized(request, settings.api_key):
+        public = request.url.path == "/" or request.url.path.startswith("/static/")
+        if settings.api_key and not public and not _authorized(request, settings.api_key):
             return JSONResponse(
-                {"detail": "an API key is needed"}, status_code=401, headers={"WWW-Authenticate": "Basic"}
+                {"detail": "an API key is needed"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
             )
         return await call_next(request)
+
+    static = Path(__file__).parent / "static"
+
+    @app.get("/", include_in_schema=False)
+    def page() -> Response:
+        return Response((static / "index.html").read_bytes(), media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str) -> Response:
+        types = {".js": "text/javascript", ".css": "text/css"}
+        path = static / name
+        if name not in {p.name for p in static.iterdir()} or path.suffix not in types:
+            raise HTTPException(status_code=404, detail=f"no file {name!r}")
+        return Response(path.read_bytes(), media_type=types[path.suffix])
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, error: BadRequest) -> JSONResponse:
