@@ -307,3 +307,70 @@ def test_the_page_makes_an_image_and_shows_its_parameters(server) -> None:
             driver.save_screenshot(screenshot)
     finally:
         driver.quit()
+
+
+LOAD_CLIENTS = 8
+LOAD_JOBS = 50
+LATENCIES: dict[str, float] = {}
+
+
+def test_load_8_clients_50_jobs_each_done_once_in_order(server) -> None:
+    """8 clients share 50 jobs, each posting its own in turn (no waiting in between) and then
+    following them: every job completes exactly once, in each client's order, none lost."""
+    import threading
+
+    body = {"type": "txt2img", "prompt": PROMPT, "steps": 8, "width": 64, "height": 64}
+    per_client = [LOAD_JOBS // LOAD_CLIENTS + (c < LOAD_JOBS % LOAD_CLIENTS) for c in range(LOAD_CLIENTS)]
+    submitted: dict[int, list[str]] = {c: [] for c in range(LOAD_CLIENTS)}
+    errors: list[str] = []
+
+    def client(c: int) -> None:
+        with httpx.Client(
+            base_url=server.url, headers={**AUTH, "x-client": f"client-{c}"}, timeout=60
+        ) as http:
+            for n in range(per_client[c]):
+                response = http.post("/jobs", json={**body, "seed": 100 * c + n})
+                if response.status_code != 202:
+                    errors.append(response.text)
+                    return
+                submitted[c].append(response.json()["id"])
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(LOAD_CLIENTS)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sum(len(v) for v in submitted.values()) == LOAD_JOBS
+    latencies = []
+    for c, jobs in submitted.items():
+        finished = []
+        for job_id in jobs:
+            job = _wait(server, job_id, 300)
+            assert job["state"] == "done" and job["attempts"] == 1 and len(job["images"]) == 1, job
+            assert job["client"] == f"client-{c}" and job["info"]["all_seeds"] == [int(job["info"]["seed"])]
+            finished.append(job["finished"])
+            latencies.append(job["finished"] - job["created"])
+        assert finished == sorted(finished), f"client {c}'s jobs finished out of order"
+    all_jobs = httpx.get(f"{server.url}/jobs?limit=1000", headers=AUTH).json()
+    ids = [j["id"] for j in all_jobs]
+    assert len(ids) == len(set(ids))
+    latencies.sort()
+    LATENCIES.update(
+        wall=time.monotonic() - start,
+        p50=latencies[len(latencies) // 2],
+        p95=latencies[int(len(latencies) * 0.95) - 1],
+        jobs=len(latencies),
+    )
+    print("load test:", {k: round(v, 2) for k, v in LATENCIES.items()})
+
+
+def test_a_client_that_disconnects_mid_job(server) -> None:
+    body = {"prompt": PROMPT, "steps": 150, "width": 64, "height": 64, "seed": 77}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=AUTH, timeout=1.0)
+    jobs = httpx.get(f"{server.url}/jobs?limit=5", headers=AUTH).json()
+    job = next(j for j in jobs if j["kind"] == "txt2img" and j["steps"] in (0, 150))
+    done = _wait(server, job["id"], 120)
+    assert done["state"] == "done" and done["info"]["all_seeds"] == [77]  # the job went on without its client
+    assert httpx.get(f"{server.url}/sdapi/v1/options", headers=AUTH).status_code == 200
