@@ -374,3 +374,66 @@ def test_a_client_that_disconnects_mid_job(server) -> None:
     done = _wait(server, job["id"], 120)
     assert done["state"] == "done" and done["info"]["all_seeds"] == [77]  # the job went on without its client
     assert httpx.get(f"{server.url}/sdapi/v1/options", headers=AUTH).status_code == 200
+
+
+@pytest.fixture()
+def redis_url(tmp_path) -> Iterator[str]:
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is missing: .ci/run installs Debian's redis-server")
+    port = _free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    import redis
+
+    while time.monotonic() < deadline:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def test_workers_share_the_queue_through_redis(folders, redis_url, tmp_path) -> None:
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "openldm", "worker", "--redis", redis_url, "--threads", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
+    server = Server(tmp_path / "data", ["--redis", redis_url]).start()
+    try:
+        body = {"type": "txt2img", "prompt": PROMPT, "steps": 12, "width": 64, "height": 64}
+        ids = [
+            httpx.post(f"{server.url}/jobs", json={**body, "seed": n}, headers=AUTH).json()["id"]
+            for n in range(6)
+        ]
+        cancelled = httpx.post(f"{server.url}/jobs", json={**body, "steps": 500}, headers=AUTH).json()["id"]
+        httpx.delete(f"{server.url}/jobs/{cancelled}", headers=AUTH)
+        done = [_wait(server, job_id, 180) for job_id in ids]
+        assert [j["state"] for j in done] == ["done"] * 6
+        assert sorted(j["info"]["all_seeds"][0] for j in done) == list(range(6))
+        assert len({j["info"]["worker"] for j in done}) == 2  # both workers took jobs
+        assert _wait(server, cancelled, 60)["state"] == "cancelled"
+        png = httpx.get(server.url + done[0]["images"][0], headers=AUTH)
+        assert Image.open(io.BytesIO(png.content)).size == (64, 64)
+        client = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DDIM", steps=4)
+        client.set_auth("user", KEY)
+        assert client.txt2img(prompt=PROMPT, width=64, height=64, seed=1).image.size == (64, 64)
+    finally:
+        server.stop()
+        for worker in workers:
+            worker.terminate()
+            worker.wait(20)

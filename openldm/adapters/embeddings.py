@@ -72,6 +72,17 @@ def _vectors_of(path: Path, obj: Any) -> torch.Tensor:
     return tensors[0]
 
 
+def vectors_shape(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(vectors, width) of the embedding in ``path``, for a listing (no model needed)."""
+    path = Path(path)
+    try:
+        obj = read_safetensors(path) if sniff(path) == "safetensors" else read_torch_zip(path)
+    except CheckpointError as e:
+        raise _fail(path, e.problem, e.advice) from None
+    vectors = _vectors_of(path, obj)
+    return (1, vectors.shape[0]) if vectors.ndim == 1 else (int(vectors.shape[0]), int(vectors.shape[-1]))
+
+
 def read_embedding(path: str | os.PathLike[str], width: int, word: str | None = None) -> Embedding:
     """The embedding in ``path`` for a text encoder of ``width``; its word is ``word`` or the file's name."""
     path = Path(path)

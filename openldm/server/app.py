@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,6 +34,9 @@ from openldm.server.requests import (
 )
 from openldm.server.store import FINISHED, Job, Store
 from openldm.server.worker import Worker
+
+if TYPE_CHECKING:
+    from openldm.server.remote import Dispatcher
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 POLL_SECONDS = 0.05
@@ -93,7 +96,7 @@ def _unprocessable(field_name: str, message: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def create_app(store: Store, worker: Worker, settings: Settings) -> FastAPI:
+def create_app(store: Store, worker: Worker | Dispatcher, settings: Settings) -> FastAPI:
     app = FastAPI(title="openldm", version="1")
     app.add_middleware(_BodyLimit, limit=settings.max_body)
 
@@ -126,7 +129,7 @@ def create_app(store: Store, worker: Worker, settings: Settings) -> FastAPI:
 
     def check(request: Txt2ImgRequest) -> None:
         options_of(request)
-        factor = worker.model.spec.vae.downsampling_factor
+        factor = worker.factor()
         for name in ("width", "height"):
             if getattr(request, name) % factor:
                 raise BadRequest(name, f"{name} {getattr(request, name)} is not a multiple of {factor}")
@@ -225,7 +228,7 @@ def create_app(store: Store, worker: Worker, settings: Settings) -> FastAPI:
         from openldm.adapters.lora_files import is_lora_file
 
         found = []
-        for folder in worker.model.adapters.lora_dirs:
+        for folder in worker.lora_dirs():
             for path in sorted(folder.rglob("*")):
                 if is_lora_file(path):
                     found.append({"name": path.stem, "alias": path.stem, "path": str(path), "metadata": {}})
@@ -234,14 +237,14 @@ def create_app(store: Store, worker: Worker, settings: Settings) -> FastAPI:
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict[str, Any]:
         loaded = {
-            e.word: {
+            word: {
                 "step": None,
                 "sd_checkpoint": None,
                 "sd_checkpoint_name": None,
-                "shape": e.vectors.shape[1],
-                "vectors": e.vectors.shape[0],
+                "shape": width,
+                "vectors": n,
             }
-            for e in worker.model.adapters.embeddings
+            for word, (n, width) in worker.embedding_shapes().items()
         }
         return {"loaded": loaded, "skipped": {}}
 

@@ -15,6 +15,9 @@ examples:
   openldm serve                                   # the embedded model on http://127.0.0.1:7860
   openldm serve --ckpt v1-5-pruned-emaonly.safetensors --lora-dir loras --api-key s3cret
   curl -s localhost:7860/jobs -d '{"type": "txt2img", "prompt": "a red circle", "steps": 20}'"""
+WORKER_DESCRIPTION = """\
+Take jobs from the Redis queue of `openldm serve --redis URL` (rq) and run them; start as many as you
+like, on any machine that reaches Redis. Checkpoints are looked up by file name in --ckpt-dir."""
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -45,7 +48,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="where the queue and the images are kept (default: %(default)s)",
     )
     add("--device", help="cpu, cuda, mps... (default: cuda, else mps, else cpu)")
+    add(
+        "--redis",
+        metavar="URL",
+        help="run no model here: hand the jobs to `openldm worker`s through this Redis",
+    )
     parser.set_defaults(run=run)
+    add_worker_parser(subparsers)
+    return parser
+
+
+def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "worker",
+        help="run the jobs of an `openldm serve --redis` queue",
+        description=WORKER_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--redis", metavar="URL", required=True, help="the Redis of the server, e.g. redis://host:6379/0")
+    add("--ckpt-dir", help="where the checkpoints the server switches to are (by file name)")
+    add(
+        "--lora-dir",
+        action="append",
+        default=[],
+        help="where <lora:NAME:WEIGHT> finds its files (repeatable)",
+    )
+    add("--embeddings-dir", help="a folder of textual inversion embeddings")
+    add("--device", help="cpu, cuda, mps... (default: cuda, else mps, else cpu)")
+    add("--burst", action="store_true", help="stop when the queue is empty")
+    parser.set_defaults(run=run_worker)
     return parser
 
 
@@ -68,6 +100,8 @@ def make_loader(args: argparse.Namespace) -> Any:
     device = device_name(args.device)
 
     def load_model(checkpoint: str | None) -> Any:
+        if checkpoint is not None and getattr(args, "command", "") == "worker":
+            checkpoint = str(_checkpoints(args.ckpt_dir)[Path(checkpoint).name])
         model = load(checkpoint, device=device)
         for folder in args.lora_dir:
             model.add_lora_dir(folder)
@@ -95,14 +129,44 @@ def run(args: argparse.Namespace) -> int:
 
     settings = Settings(api_key=args.api_key, checkpoints=_checkpoints(args.ckpt_dir))
     store = Store(args.data)
-    recovered = store.recover()
-    worker = Worker(store, make_loader(args), args.ckpt)
+    if args.redis:
+        worker = _dispatcher(args, store)
+    else:
+        recovered = store.recover()
+        if recovered:
+            print(f"openldm: {recovered} job(s) left running by the last server will run again")
+        worker = Worker(store, make_loader(args), args.ckpt)
     worker.start()
-    if recovered:
-        print(f"openldm: {recovered} job(s) left running by the last server run again")
     try:
         uvicorn.run(create_app(store, worker, settings), host=args.host, port=args.port, log_level="warning")
     finally:
         worker.stop()
         store.close()
+    return 0
+
+
+def _dispatcher(args: argparse.Namespace, store: Any) -> Any:
+    from openldm.adapters.embeddings import vectors_shape
+    from openldm.commands.common import EMBEDDING_SUFFIXES
+    from openldm.server.remote import Dispatcher
+
+    embeddings = {}
+    if args.embeddings_dir:
+        for path in sorted(Path(args.embeddings_dir).iterdir()):
+            if path.is_file() and path.suffix in EMBEDDING_SUFFIXES:
+                embeddings[path.stem.lower()] = vectors_shape(path)
+    return Dispatcher(store, args.redis, args.ckpt, [Path(p) for p in args.lora_dir], embeddings)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from openldm.commands.common import UsageError
+    from openldm.server.remote import work
+
+    try:
+        import rq  # noqa: F401
+    except ImportError:
+        raise UsageError("openldm worker needs rq and redis: pip install 'openldm[serve]'") from None
+
+    print(f"openldm worker: taking jobs from {args.redis}")
+    work(args.redis, make_loader(args), burst=args.burst)
     return 0

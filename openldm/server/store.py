@@ -106,6 +106,9 @@ class Store:
         """Jobs a killed server left running go back to the queue; returns how many."""
         return len(self._run("UPDATE jobs SET state='queued', step=0 WHERE state='running' RETURNING id"))
 
+    def requeue(self, job_id: str) -> None:
+        self._run("UPDATE jobs SET state='queued', step=0 WHERE id=? AND state='running'", (job_id,))
+
     def add(self, kind: str, request: dict[str, Any], client: str = "") -> Job:
         job_id = uuid.uuid4().hex
         self._run(

@@ -55,6 +55,7 @@ class Worker:
         self.current: Job | None = None
         self.preview: Image.Image | None = None
         self.interrupt = threading.Event()
+        self._checked = 0.0
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="openldm-worker", daemon=True)
@@ -97,13 +98,34 @@ class Worker:
             self.model = self.load(job.request["checkpoint"])
             self.checkpoint = job.request["checkpoint"]
             return {"files": [], "info": {"sd_model_checkpoint": self.checkpoint}}
-        request = (Img2ImgRequest if job.kind == "img2img" else Txt2ImgRequest).model_validate(job.request)
-        options = options_of(request).replace(callback=self._callback(job, request))
-        generation = self.model.generate(_task(request), options)
-        files = []
-        for n, image in enumerate(generation.images):
-            files.append(self._save(job, n, image))
-        return {"files": files, "info": _info(request, generation)}
+
+        def on_step(done: int, total: int, preview: Image.Image) -> None:
+            self.store.progress(job.id, done, total)
+            self.preview = preview
+            if self.interrupt.is_set() or self._cancelled(job):
+                raise Interrupted
+
+        images, info = generate_images(self.model, job.kind, job.request, on_step)
+        return {"files": [self._save(job, n, image) for n, image in enumerate(images)], "info": info}
+
+    def _cancelled(self, job: Job) -> bool:
+        """Whether the job was cancelled (asked of the store at most every quarter second)."""
+        now = time.monotonic()
+        if now - self._checked < 0.25:
+            return False
+        self._checked = now
+        current = self.store.get(job.id)
+        return current is not None and current.state == "cancelled"
+
+    # What the server's routes read, the same for a Redis dispatcher.
+    def factor(self) -> int:
+        return self.model.spec.vae.downsampling_factor
+
+    def lora_dirs(self) -> list[Any]:
+        return list(self.model.adapters.lora_dirs)
+
+    def embedding_shapes(self) -> dict[str, tuple[int, int]]:
+        return {e.word: tuple(e.vectors.shape) for e in self.model.adapters.embeddings}
 
     def _save(self, job: Job, n: int, image: Image.Image) -> str:
         from openldm.files import write_atomically
@@ -113,39 +135,46 @@ class Worker:
         write_atomically(png_bytes(image), self.store.images / name)
         return name
 
-    def _callback(self, job: Job, request: Txt2ImgRequest) -> Callable[..., None]:
-        total_passes = request.n_iter
-        state = {"pass": 0, "last": -1, "checked": 0.0}
 
-        def callback(step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-            if step <= state["last"]:
-                state["pass"] += 1
-            state["last"] = step
-            done = state["pass"] * total + step + 1
-            self.store.progress(job.id, done, total * total_passes)
-            self.preview = self._preview(x0, request)
-            now = time.monotonic()
-            if self.interrupt.is_set():
-                raise Interrupted
-            if now - state["checked"] > 0.25:  # a cancelled job stops at its next step
-                state["checked"] = now
-                current = self.store.get(job.id)
-                if current is not None and current.state == "cancelled":
-                    raise Interrupted
+Step = Callable[[int, int, Image.Image], None]
 
-        return callback
 
-    def _preview(self, x0: torch.Tensor, request: Txt2ImgRequest) -> Image.Image:
-        from openldm.images import tensor_to_pil
+def generate_images(
+    model: StableDiffusion, kind: str, fields: dict[str, Any], on_step: Step
+) -> tuple[list[Image.Image], dict[str, Any]]:
+    """Run a job's request on ``model``: its images and the web UI's ``info``. After every step,
+    ``on_step(done, total, preview)`` (steps over all repeats); it may raise to stop the job."""
+    request = (Img2ImgRequest if kind == "img2img" else Txt2ImgRequest).model_validate(fields)
+    options = options_of(request).replace(callback=_progress(model, request, on_step))
+    generation = model.generate(_task(request), options)
+    return list(generation.images), _info(request, generation)
 
-        latent = x0[:1].float()
-        with torch.inference_mode():
-            if request.width * request.height <= VAE_PREVIEW_PIXELS:
-                vae = self.model.vae
-                pixels = vae.from_latent(latent.to(next(vae.parameters())))
-                return tensor_to_pil(pixels.float().clamp(-1, 1))[0]
-            rgb = torch.einsum("bchw,cr->brhw", latent.cpu()[:, :4], LATENT_RGB)
-            return tensor_to_pil(rgb.clamp(-1, 1))[0]
+
+def _progress(model: StableDiffusion, request: Txt2ImgRequest, on_step: Step) -> Callable[..., None]:
+    state = {"pass": 0, "last": -1}
+
+    def callback(step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if step <= state["last"]:  # a new repeat (--n_iter) starts
+            state["pass"] += 1
+        state["last"] = step
+        on_step(state["pass"] * total + step + 1, total * request.n_iter, preview(model, x0, request))
+
+    return callback
+
+
+def preview(model: StableDiffusion, x0: torch.Tensor, request: Txt2ImgRequest) -> Image.Image:
+    """The first image of a step's denoised latents: through the model's VAE when small, else the web
+    UI's cheap linear map from SD latents to RGB."""
+    from openldm.images import tensor_to_pil
+
+    latent = x0[:1].float()
+    with torch.inference_mode():
+        if request.width * request.height <= VAE_PREVIEW_PIXELS:
+            vae = model.vae
+            pixels = vae.from_latent(latent.to(next(vae.parameters())))
+            return tensor_to_pil(pixels.float().clamp(-1, 1))[0]
+        rgb = torch.einsum("bchw,cr->brhw", latent.cpu()[:, :4], LATENT_RGB)
+        return tensor_to_pil(rgb.clamp(-1, 1))[0]
 
 
 def _task(request: Txt2ImgRequest) -> Task:
