@@ -22,7 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
+from openldm.adapters.lora_files import find_lora
 from openldm.images import parse_parameters
+from openldm.prompts import lora_tags
 from openldm.sampling.samplers import SAMPLERS
 from openldm.server.requests import (
     BadRequest,
@@ -129,6 +131,11 @@ def create_app(store: Store, worker: Worker | Dispatcher, settings: Settings) ->
 
     def check(request: Txt2ImgRequest) -> None:
         options_of(request)
+        try:  # a <lora:NAME> names a file of the LoRA folders, never a path
+            for name, _, _ in lora_tags(request.prompt)[1]:
+                find_lora(name, worker.lora_dirs())
+        except (ValueError, FileNotFoundError) as e:
+            raise BadRequest("prompt", str(e)) from None
         factor = worker.factor()
         for name in ("width", "height"):
             if getattr(request, name) % factor:
