@@ -33,21 +33,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     add("--port", type=int, default=7860, help="port (default: %(default)s, the web UI's)")
     add("--ckpt", help="the model to start with (default: the embedded model)")
-    add("--ckpt-dir", help="a folder of checkpoints that /sdapi/v1/options can switch to")
-    add(
-        "--lora-dir",
-        action="append",
-        default=[],
-        help="where <lora:NAME:WEIGHT> finds its files (repeatable)",
-    )
-    add("--embeddings-dir", help="a folder of textual inversion embeddings")
+    _model_flags(add, "a folder of checkpoints that /sdapi/v1/options can switch to")
     add("--api-key", help="ask every request but the page for this key (Bearer, X-API-Key or Basic)")
     add(
         "--data",
         default="openldm-server",
         help="where the queue and the images are kept (default: %(default)s)",
     )
-    add("--device", help="cpu, cuda, mps... (default: cuda, else mps, else cpu)")
     add(
         "--redis",
         metavar="URL",
@@ -67,18 +59,19 @@ def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--redis", metavar="URL", required=True, help="the Redis of the server, e.g. redis://host:6379/0")
-    add("--ckpt-dir", help="where the checkpoints the server switches to are (by file name)")
-    add(
-        "--lora-dir",
-        action="append",
-        default=[],
-        help="where <lora:NAME:WEIGHT> finds its files (repeatable)",
-    )
-    add("--embeddings-dir", help="a folder of textual inversion embeddings")
-    add("--device", help="cpu, cuda, mps... (default: cuda, else mps, else cpu)")
+    _model_flags(add, "where the checkpoints the server switches to are (by file name)")
     add("--burst", action="store_true", help="stop when the queue is empty")
     parser.set_defaults(run=run_worker)
     return parser
+
+
+def _model_flags(add: Any, ckpt_dir: str) -> None:
+    """The flags of the model a server or a worker runs: --ckpt-dir (``ckpt_dir``: its help), LoRAs,
+    embeddings, device."""
+    add("--ckpt-dir", help=ckpt_dir)
+    add("--lora-dir", action="append", default=[], help="where <lora:NAME:W> finds its files (repeatable)")
+    add("--embeddings-dir", help="a folder of textual inversion embeddings")
+    add("--device", help="cpu, cuda, mps... (default: cuda, else mps, else cpu)")
 
 
 def _checkpoints(folder: str | None) -> dict[str, Path]:
