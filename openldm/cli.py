@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in FAMILY_COMMANDS:
         importlib.import_module(f"openldm.commands.{name}").add_parser(commands)
     importlib.import_module("openldm.server.command").add_parser(commands)
+    importlib.import_module("openldm.train.finetune_command").add_parser(commands)
     add_train_parser(commands)
     for sub in commands.choices.values():
         sub.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
