@@ -432,8 +432,26 @@ def test_workers_share_the_queue_through_redis(folders, redis_url, tmp_path) -> 
         client = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DDIM", steps=4)
         client.set_auth("user", KEY)
         assert client.txt2img(prompt=PROMPT, width=64, height=64, seed=1).image.size == (64, 64)
+        # A running job: its progress and preview come back from its worker, and cancelling stops it.
+        long = httpx.post(f"{server.url}/jobs", json={**body, "steps": 400}, headers=AUTH).json()["id"]
+        deadline = time.monotonic() + 60
+        progress = client.get_progress()
+        while not (progress["progress"] > 0 and progress["current_image"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            progress = client.get_progress()
+        assert progress["state"]["job"] == long and progress["current_image"]
+        httpx.delete(f"{server.url}/jobs/{long}", headers=AUTH)
+        after = [
+            httpx.post(f"{server.url}/jobs", json={**body, "steps": 4}, headers=AUTH).json()["id"]
+            for _ in range(3)
+        ]
+        assert [_wait(server, job_id, 60)["state"] for job_id in after] == ["done"] * 3
     finally:
         server.stop()
         for worker in workers:
-            worker.terminate()
-            worker.wait(20)
+            worker.terminate()  # rq's warm shutdown: ends after the job at hand
+            try:
+                worker.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)

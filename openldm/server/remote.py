@@ -186,7 +186,7 @@ class Dispatcher:
                 remote = RqJob.fetch(job.id, connection=self.connection)
                 if remote.get_status() == JobStatus.QUEUED:
                     remote.cancel()
-        self.current = None
+        current = None
         for job in running:
             remote = RqJob.fetch(job.id, connection=self.connection)
             status = remote.get_status()
@@ -197,20 +197,21 @@ class Dispatcher:
                     job.id, _failure(remote), "cancelled" if status != JobStatus.FAILED else "failed"
                 )
             elif status == JobStatus.STARTED:
-                self._progress(job, remote)
-            if self.interrupt.is_set() and status == JobStatus.STARTED:
-                self.store.cancel(job.id)
+                self._progress(job, remote, first=current is None)
+                current = current or job
+                if self.interrupt.is_set():
+                    self.store.cancel(job.id)
+        self.current = current
         self.interrupt.clear()
         return bool(running)
 
-    def _progress(self, job: Job, remote: Any) -> None:
+    def _progress(self, job: Job, remote: Any, first: bool) -> None:
+        """A started job's progress into the store; the first one's preview is the one shown."""
         meta = remote.get_meta(refresh=True)
         if "step" in meta:
             self.store.progress(job.id, int(meta["step"]), int(meta["steps"]))
-        if self.current is None:
-            self.current = job
-            if meta.get("preview"):
-                self.preview = Image.open(io.BytesIO(base64.b64decode(meta["preview"])))
+        if first and meta.get("preview"):
+            self.preview = Image.open(io.BytesIO(base64.b64decode(meta["preview"])))
 
     def _collect(self, job: Job, result: dict[str, Any]) -> None:
         from openldm.files import write_atomically
