@@ -21,13 +21,23 @@ example:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "finetune",
-        help="adapt a model to your images (LoRA)",
+        help="adapt a model to your images (LoRA, textual inversion)",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--method", choices=["lora"], default="lora", help="what is trained (default: %(default)s)")
+    add(
+        "--method",
+        choices=["lora", "textual-inversion"],
+        default="lora",
+        help="what is trained: LoRA layers, or a new word's vectors (default: %(default)s)",
+    )
+    add("--word", help="textual inversion: the new word, as the captions write it (e.g. my-style)")
+    add("--init-word", default="", help="textual inversion: the word whose vectors it starts from")
+    add(
+        "--vectors", type=int, default=1, help="textual inversion: vectors of the word (default: %(default)s)"
+    )
     add("--data", required=True, help="the images and captions (folder or .tar shards)")
     add("--out", required=True, help="the folder to write the result and the loss log to")
     add("--ckpt", help="the model to adapt (default: the embedded model)")
@@ -90,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         min_snr_gamma=args.min_snr_gamma,
         seed=args.seed,
         on_problem=args.on_problem,
+        word=args.word,
+        init_word=args.init_word,
+        vectors=args.vectors,
     )
     model = load(args.ckpt, device=resolve_device(args.device), dtype=torch.float32)
     path = finetune(model, config)
