@@ -29,6 +29,7 @@ from openldm.nn.clip import CLIPTextEncoder
 from openldm.tokenizer import CLIPTokenizer
 
 MAX_VECTORS = 75  # one CLIP window
+SUFFIXES = (".pt", ".safetensors", ".bin")
 _WORD = re.compile(r"[^\s()\[\]:<>\\]+")
 _SDXL_KEYS = frozenset({"clip_l", "clip_g"})
 
@@ -70,6 +71,11 @@ def _vectors_of(path: Path, obj: Any) -> torch.Tensor:
         names = ", ".join(excerpt(k) for k in list(obj)[:5])
         raise _fail(path, f"expected one tensor of vectors, found entries {names}")
     return tensors[0]
+
+
+def embedding_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The embedding files of ``folder`` (not its subfolders), by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in SUFFIXES)
 
 
 def vectors_shape(path: str | os.PathLike[str]) -> tuple[int, int]:

@@ -129,9 +129,6 @@ def lora_flag(value: str) -> tuple[Path, float]:
     return Path(path), parsed
 
 
-EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
-
-
 def add_adapters(args: argparse.Namespace, model: StableDiffusion) -> None:
     """Apply the adapter flags to a loaded model: VAE, LoRA folders, LoRAs, embeddings."""
     if args.vae:
@@ -141,10 +138,10 @@ def add_adapters(args: argparse.Namespace, model: StableDiffusion) -> None:
     for value in args.lora:
         path, weight = lora_flag(value)
         model.load_lora(path, weight)
+    from openldm.adapters.embeddings import embedding_files
+
     embeddings = [Path(p) for p in args.embedding]
-    if args.embeddings_dir:
-        folder = Path(args.embeddings_dir)
-        embeddings += sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in EMBEDDING_SUFFIXES)
+    embeddings += embedding_files(args.embeddings_dir) if args.embeddings_dir else []
     for path in embeddings:
         model.load_embedding(path)
 

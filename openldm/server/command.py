@@ -85,23 +85,26 @@ def _checkpoints(folder: str | None) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES}
 
 
-def make_loader(args: argparse.Namespace) -> Any:
-    """``load(checkpoint or None)``: a model with the server's adapters (LoRA folders, embeddings)."""
-    from openldm.commands.common import EMBEDDING_SUFFIXES, device_name
+def make_loader(args: argparse.Namespace, by_name: bool = False) -> Any:
+    """``load(checkpoint or None)``: a model with the server's adapters (LoRA folders, embeddings);
+    ``by_name``: the checkpoint is a file name of --ckpt-dir (a worker, told by a server elsewhere)."""
+    from openldm.adapters.embeddings import embedding_files
+    from openldm.commands.common import device_name
     from openldm.model import load
 
     device = device_name(args.device)
 
     def load_model(checkpoint: str | None) -> Any:
-        if checkpoint is not None and getattr(args, "command", "") == "worker":
-            checkpoint = str(_checkpoints(args.ckpt_dir)[Path(checkpoint).name])
+        if checkpoint is not None and by_name:
+            found = _checkpoints(args.ckpt_dir).get(Path(checkpoint).name)
+            if found is None:
+                raise FileNotFoundError(f"checkpoint {checkpoint!r} is not in this worker's --ckpt-dir")
+            checkpoint = str(found)
         model = load(checkpoint, device=device)
         for folder in args.lora_dir:
             model.add_lora_dir(folder)
-        if args.embeddings_dir:
-            for path in sorted(Path(args.embeddings_dir).iterdir()):
-                if path.is_file() and path.suffix in EMBEDDING_SUFFIXES:
-                    model.load_embedding(path)
+        for path in embedding_files(args.embeddings_dir) if args.embeddings_dir else []:
+            model.load_embedding(path)
         return model
 
     return load_model
@@ -139,15 +142,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _dispatcher(args: argparse.Namespace, store: Any) -> Any:
-    from openldm.adapters.embeddings import vectors_shape
-    from openldm.commands.common import EMBEDDING_SUFFIXES
+    from openldm.adapters.embeddings import embedding_files, vectors_shape
     from openldm.server.remote import Dispatcher
 
-    embeddings = {}
-    if args.embeddings_dir:
-        for path in sorted(Path(args.embeddings_dir).iterdir()):
-            if path.is_file() and path.suffix in EMBEDDING_SUFFIXES:
-                embeddings[path.stem.lower()] = vectors_shape(path)
+    files = embedding_files(args.embeddings_dir) if args.embeddings_dir else []
+    embeddings = {path.stem.lower(): vectors_shape(path) for path in files}
     return Dispatcher(store, args.redis, args.ckpt, [Path(p) for p in args.lora_dir], embeddings)
 
 
@@ -161,5 +160,5 @@ def run_worker(args: argparse.Namespace) -> int:
         raise UsageError("openldm worker needs rq and redis: pip install 'openldm[serve]'") from None
 
     print(f"openldm worker: taking jobs from {args.redis}")
-    work(args.redis, make_loader(args), burst=args.burst)
+    work(args.redis, make_loader(args, by_name=True), burst=args.burst)
     return 0

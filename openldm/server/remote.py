@@ -58,18 +58,14 @@ def run_job(kind: str, request: dict[str, Any], checkpoint: str | None) -> dict[
         _models.clear()  # one model at a time in memory
         _models[checkpoint] = _loader(checkpoint)
     model = _models[checkpoint]
-    checked = [0.0]
 
     def on_step(done: int, total: int, preview: Image.Image) -> None:
         if job is None:
             return
         job.meta.update(step=done, steps=total, preview=encode_png(preview))
         job.save_meta()
-        now = time.monotonic()
-        if now - checked[0] > 0.25:
-            checked[0] = now
-            if job.connection.exists(CANCEL_KEY.format(job.id)):
-                raise Interrupted
+        if job.connection.exists(CANCEL_KEY.format(job.id)):
+            raise Interrupted
 
     images, info = generate_images(model, kind, request, on_step)
     info["worker"] = f"{socket.gethostname()}:{os.getpid()}"
@@ -110,6 +106,7 @@ class Dispatcher:
         self._lora_dirs, self._embeddings = lora_dirs, embeddings
         self.current: Job | None = None
         self.preview: Image.Image | None = None
+        self._cancels_seen = time.time() - 3600  # cancellations already passed on, by time
         self.interrupt = threading.Event()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -175,12 +172,8 @@ class Dispatcher:
         from rq.job import JobStatus
 
         running = self.store.jobs(("running",), limit=1000)
-        cancelled = [
-            j
-            for j in self.store.jobs(("cancelled",), limit=50)
-            if j.finished and time.time() - j.finished < 60
-        ]
-        for job in cancelled:  # asked to stop: tell its worker (or take it off the queue)
+        for job in self.store.cancelled_since(self._cancels_seen):  # tell its worker, or unqueue it
+            self._cancels_seen = max(self._cancels_seen, job.finished or 0.0)
             self.connection.set(CANCEL_KEY.format(job.id), 1, ex=3600)
             if RqJob.exists(job.id, connection=self.connection):
                 remote = RqJob.fetch(job.id, connection=self.connection)

@@ -152,6 +152,13 @@ class Store:
         )
         return bool(rows)
 
+    def cancelled_since(self, when: float) -> list[Job]:
+        """Jobs cancelled after ``when`` (a time), in the order they were."""
+        rows = self._run(
+            "SELECT * FROM jobs WHERE state='cancelled' AND finished > ? ORDER BY finished", (when,)
+        )
+        return [_job(r) for r in rows]
+
     def get(self, job_id: str) -> Job | None:
         rows = self._run("SELECT * FROM jobs WHERE id=?", (job_id,))
         return _job(rows[0]) if rows else None

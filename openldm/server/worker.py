@@ -9,6 +9,7 @@ linear map from SD latents to RGB); a job cancelled meanwhile, or an interrupt, 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from openldm.server.store import Job, Store
 
 log = logging.getLogger(__name__)
 VAE_PREVIEW_PIXELS = 256 * 256
+REPORT_SECONDS = 0.2  # progress, preview and the cancel check, at most this often
 # The web UI's "Approx cheap" preview: SD latents (4 channels) to RGB.
 LATENT_RGB = torch.tensor(
     [
@@ -55,7 +57,6 @@ class Worker:
         self.current: Job | None = None
         self.preview: Image.Image | None = None
         self.interrupt = threading.Event()
-        self._checked = 0.0
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="openldm-worker", daemon=True)
@@ -109,11 +110,6 @@ class Worker:
         return {"files": [self._save(job, n, image) for n, image in enumerate(images)], "info": info}
 
     def _cancelled(self, job: Job) -> bool:
-        """Whether the job was cancelled (asked of the store at most every quarter second)."""
-        now = time.monotonic()
-        if now - self._checked < 0.25:
-            return False
-        self._checked = now
         current = self.store.get(job.id)
         return current is not None and current.state == "cancelled"
 
@@ -151,13 +147,19 @@ def generate_images(
 
 
 def _progress(model: StableDiffusion, request: Txt2ImgRequest, on_step: Step) -> Callable[..., None]:
-    state = {"pass": 0, "last": -1}
+    """The sampler's callback: ``on_step`` with a preview at most every :data:`REPORT_SECONDS` and at
+    the last step (a progress write and a decode per step would cost more than a small model's step)."""
+    state = {"pass": 0, "last": -1, "reported": -math.inf}
 
     def callback(step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
         if step <= state["last"]:  # a new repeat (--n_iter) starts
             state["pass"] += 1
         state["last"] = step
-        on_step(state["pass"] * total + step + 1, total * request.n_iter, preview(model, x0, request))
+        done, steps = state["pass"] * total + step + 1, total * request.n_iter
+        now = time.monotonic()
+        if now - state["reported"] >= REPORT_SECONDS or done == steps:
+            state["reported"] = now
+            on_step(done, steps, preview(model, x0, request))
 
     return callback
 
