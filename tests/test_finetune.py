@@ -45,8 +45,8 @@ def test_finetune_lora_on_the_embedded_model(tmp_path, capsys) -> None:
     code, output = _finetune(capsys, data, tmp_path / "out")
     assert code == 0, output
     assert "4 images with captions; 1 unreadable, 1 without a caption left out" in output
-    log = [json.loads(line) for line in (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == list(range(12)) and all(np.isfinite(e["loss"]) for e in log)
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, 13)) and all(np.isfinite(e["loss"]) for e in log)
     path = tmp_path / "out" / "lora.safetensors"
     sd = safetensors.torch.load_file(str(path))
     assert any(k.startswith("lora_te_") for k in sd) and any(k.startswith("lora_unet_") for k in sd)

@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from openldm.config import UNetConfig
@@ -204,6 +205,8 @@ class UNetModel(nn.Module):
         )
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
+        # Training only: each block's activations are recomputed in the backward pass instead of kept.
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -239,12 +242,21 @@ class UNetModel(nn.Module):
 
         h = x.to(dtype)
         context = context.to(dtype)
+        run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _call
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
+            h = run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h).to(x.dtype)
+
+    @staticmethod
+    def _checkpointed(block: nn.Module, *args: object) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
+def _call(block: nn.Module, *args: object) -> torch.Tensor:
+    return block(*args)

@@ -19,6 +19,8 @@ from openldm.tokenizer import CLIPTokenizer
 CAPTION_DROPOUT = 0.1  # Stable Diffusion's rate: 10% empty captions teach the unconditional model
 # Independent random streams of one step.
 STREAM_BATCH, STREAM_CROP, STREAM_NOISE, STREAM_DROPOUT, STREAM_POSTERIOR = range(5)
+# Fine-tuning's prior preservation draws its class batch from streams of its own.
+STREAM_PRIOR_BATCH, STREAM_PRIOR_POSTERIOR, STREAM_PRIOR_NOISE = range(5, 8)
 
 
 def step_generator(seed: int, stream: int, step: int) -> torch.Generator:

@@ -1,27 +1,28 @@
-"""``openldm finetune``: adapt a loaded model to the user's images: ``--method lora`` or
-``textual-inversion`` (a new word whose token vectors are learnt; the networks stay as they are).
+"""``openldm finetune``: adapt a loaded model to the user's images (``--method full``, ``lora``,
+``dreambooth`` or ``textual-inversion``; what each trains and writes: :mod:`openldm.train.finetune_methods`).
 
 The data (:mod:`openldm.train.captioned`) is read and checked before anything else, each image
-encoded once by the frozen VAE at its bucket's size (its posterior kept: a new sample each step), and
-the LoRA layers (:mod:`openldm.train.lora`) trained with AdamW, a linear warm-up then a constant
-learning rate, caption dropout and optional min-SNR weighting, on the model's own objective (eps or
-v). Every random draw of step ``k`` comes from a generator fixed by (seed, k). The result is a kohya
-LoRA file (or the web UI's ``.safetensors`` embedding) in ``--out`` beside a loss log (``loss.jsonl``).
+encoded once by the frozen VAE at its bucket's size (its posterior kept: a new sample each step).
+Training runs in :func:`openldm.train.loop.train_loop` (AdamW, linear warm-up then a constant learning
+rate, gradient clipping, optional EMA, gradient accumulation, mixed precision, checkpoints and
+``resume``, several processes under torchrun) on the model's own objective (eps or v), with caption
+dropout, optional min-SNR weighting and offset noise. Every random draw of step ``k`` comes from a
+generator fixed by (seed, k), so a resumed run ends with the weights of an uninterrupted one.
+DreamBooth adds the prior-preservation loss on class images the base model made (:mod:`openldm.train.prior`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from openldm.adapters.embeddings import Embedding, install
+from openldm.images import save_png
 from openldm.sampling.schedule import NoiseSchedule
 from openldm.train.captioned import OnProblem, bucketed, fit, read_captioned
 from openldm.train.data import (
@@ -29,13 +30,20 @@ from openldm.train.data import (
     STREAM_DROPOUT,
     STREAM_NOISE,
     STREAM_POSTERIOR,
+    STREAM_PRIOR_BATCH,
+    STREAM_PRIOR_NOISE,
+    STREAM_PRIOR_POSTERIOR,
     dropout_mask,
     step_generator,
 )
-from openldm.train.lora import inject
+from openldm.train.distributed import ALONE, Ranks
+from openldm.train.ema import EMA
+from openldm.train.finetune_methods import Method, Trained, prepare
+from openldm.train.loop import LoopConfig, MixedPrecision, Part, train_loop
 from openldm.train.losses import diffusion_loss
+from openldm.train.prior import make_class_images
 
-Method = Literal["lora", "textual-inversion"]
+LOSS_LOG = "log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -44,20 +52,48 @@ class FinetuneConfig:
     out: str
     method: Method = "lora"
     steps: int = 500
-    batch_size: int = 1
+    batch_size: int = 1  # images per optimizer step, over all processes and accumulation rounds
+    accumulate: int = 1
     learning_rate: float = 1e-4
     warmup: int = 0
+    max_grad_norm: float = 1.0
+    ema_decay: float | None = None
     rank: int = 16
     alpha: float | None = None
     text_encoder: bool = False
     resolution: int = 512
     caption_dropout: float = 0.0
     min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    gradient_checkpointing: bool = False
+    mixed_precision: MixedPrecision = "no"
     seed: int = 0
     on_problem: OnProblem = "skip"
     word: str | None = None  # textual inversion: the new word, written in the captions
     init_word: str = ""  # ... and the word whose vectors it starts from
     vectors: int = 1
+    class_prompt: str | None = None  # dreambooth: prior preservation on images of this prompt
+    class_data: str | None = None  # ... kept in this folder (default: OUT/class-images)
+    class_images: int = 100
+    prior_weight: float = 1.0
+    diffusers: bool = False  # full / dreambooth: a diffusers folder too
+    checkpoint_every: int = 100
+    sample_every: int = 0
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 25
+
+    def run_identity(self) -> dict[str, object]:
+        """What a resumed run must share with the one it continues (not its length, outputs or samples)."""
+        free = {
+            "steps",
+            "out",
+            "checkpoint_every",
+            "sample_every",
+            "sample_prompts",
+            "sample_steps",
+            "diffusers",
+        }
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
 
 
 @dataclass
@@ -69,13 +105,16 @@ class Encoded:
     caption: str
 
 
-def encode_data(model: Any, config: FinetuneConfig) -> dict[tuple[int, int], list[Encoded]]:
+Groups = dict[tuple[int, int], list[Encoded]]
+
+
+def encode_folder(model: Any, source: str, config: FinetuneConfig, what: str = "") -> Groups:
     """The data read, bucketed and encoded once (per bucket size) by the model's VAE."""
-    report = read_captioned(config.data, config.on_problem)
-    print(f"openldm finetune: {report.summary()}")
+    report = read_captioned(source, config.on_problem)
+    print(f"openldm finetune: {what}{report.summary()}")
     vae = model.vae
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    groups: dict[tuple[int, int], list[Encoded]] = {}
+    groups: Groups = {}
     with torch.inference_mode():
         for size, samples in bucketed(report, config.resolution).items():
             for sample in samples:
@@ -87,9 +126,9 @@ def encode_data(model: Any, config: FinetuneConfig) -> dict[tuple[int, int], lis
     return groups
 
 
-def _batch(groups: dict[tuple[int, int], list[Encoded]], config: FinetuneConfig, step: int) -> list[Encoded]:
+def _batch(groups: Groups, config: FinetuneConfig, step: int, stream: int = STREAM_BATCH) -> list[Encoded]:
     """Step ``step``'s batch: one bucket (weighted by its size), then images of it, all from (seed, step)."""
-    generator = step_generator(config.seed, STREAM_BATCH, step)
+    generator = step_generator(config.seed, stream, step)
     sizes = sorted(groups)
     weights = torch.tensor([len(groups[s]) for s in sizes], dtype=torch.float64)
     bucket = groups[sizes[int(torch.multinomial(weights, 1, generator=generator))]]
@@ -97,60 +136,185 @@ def _batch(groups: dict[tuple[int, int], list[Encoded]], config: FinetuneConfig,
     return [bucket[int(i)] for i in picks]
 
 
-def _latents(batch: list[Encoded], scale: float, step: int, seed: int) -> torch.Tensor:
-    generator = step_generator(seed, STREAM_POSTERIOR, step)
+def _latents(batch: list[Encoded], scale: float, generator: torch.Generator) -> torch.Tensor:
     mean = torch.cat([e.mean for e in batch])
     std = torch.cat([e.logvar for e in batch]).mul(0.5).exp()
     return (mean + std * torch.randn(mean.shape, generator=generator)) * scale
 
 
-def _context(model: Any, captions: list[str], config: FinetuneConfig, step: int) -> torch.Tensor:
-    keep = ~dropout_mask(
-        len(captions), config.caption_dropout, step_generator(config.seed, STREAM_DROPOUT, step)
-    )
-    texts = [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+def _context(model: Any, texts: list[str], grad: bool) -> torch.Tensor:
     tokenizer = model.tokenizer
     ids = torch.tensor(
         [tokenizer.window(tokenizer.encode(t)) for t in texts],
         device=next(model.text_encoder.parameters()).device,
     )
-    if config.text_encoder or config.method == "textual-inversion":
-        return model.text_encoder(ids).float()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         return model.text_encoder(ids).float()
 
 
-def finetune(model: Any, config: FinetuneConfig, progress: bool = True) -> Path:
-    """Train ``config.method`` on ``model``; returns the file written in ``config.out``."""
-    groups = encode_data(model, config)  # bad data is an error before anything is written
+def check(config: FinetuneConfig, ranks: Ranks = ALONE) -> None:
+    """The settings that cannot work, refused before any data is read."""
+    if config.batch_size < ranks.world * config.accumulate:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is fewer images than {ranks.world} processes x "
+            f"{config.accumulate} accumulation rounds: every round needs at least one image"
+        )
+    if config.method == "dreambooth" and config.prior_weight > 0 and not config.class_prompt:
+        raise ValueError("dreambooth needs --class-prompt (e.g. 'a photo of a dog'), or --prior-weight 0")
+    if config.sample_every and not config.sample_prompts:
+        raise ValueError("--sample-every needs at least one --sample-prompt")
+
+
+def finetune(
+    model: Any, config: FinetuneConfig, ranks: Ranks = ALONE, progress: bool = True, resume: bool = False
+) -> Path | None:
+    """Train ``config.method`` on ``model``; returns the file written in ``config.out`` (None on the ranks
+    other than 0, which write nothing). With ``resume`` a run stopped in ``config.out`` continues."""
+    check(config, ranks)
+    if model.spec.variant not in ("sd1", "sd2"):
+        raise ValueError(
+            f"openldm finetune adapts text-to-image models; this is a {model.spec.variant} model"
+        )
+    groups = encode_folder(model, config.data, config)  # bad data is an error before anything is written
     if config.method == "textual-inversion":
         _check_word(groups, config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.method == "lora":
-        networks = {"unet": model.unet, "text_encoder": model.text_encoder}
-        network = inject(
-            networks, model.spec.unet, config.rank, config.alpha, config.text_encoder, config.seed
-        )
-        try:
-            _train(model, network.parameters(), groups, config, out, progress)
-            return network.save(out / "lora.safetensors", _metadata(config))
-        finally:
-            network.remove(networks)
-    own, vectors = _start_vectors(model, config)
-    embeddings = model.text_encoder.text_model.embeddings
-
-    def table() -> None:  # the model's own added vectors, then the new word's, as they are now
-        embeddings.added = torch.cat([own, vectors]) if own is not None else vectors
-
+    prior = _prior(model, config, ranks, progress) if _uses_prior(config) else None
+    trained = prepare(model, config)
+    unet = model.unet
+    unet.gradient_checkpointing = config.gradient_checkpointing
     try:
-        _train(model, [vectors], groups, config, out, progress, table)
-        return _save_embedding(vectors.detach(), out / f"{config.word}.safetensors", _metadata(config))
+        loop = LoopConfig(
+            steps=config.steps,
+            lr=config.learning_rate,
+            warmup_steps=config.warmup,
+            weight_decay=1e-2 if config.method != "textual-inversion" else 0.0,
+            grad_clip=config.max_grad_norm,
+            ema_decay=config.ema_decay,
+            checkpoint_every=config.checkpoint_every,
+            log_every=1,
+            accumulate=config.accumulate,
+            mixed_precision=config.mixed_precision,
+        )
+        ema = EMA(trained.module, config.ema_decay) if config.ema_decay is not None else None
+        train_loop(
+            trained.module,
+            _loss_fn(model, trained, groups, prior, config),
+            loop,
+            out,
+            resume=resume,
+            ema=ema,
+            desc=f"finetune {config.method}",
+            progress=progress,
+            ranks=ranks,
+            after_step=_sampler(model, trained, config, ranks),
+            meta=config.run_identity(),
+        )
+        if ema is not None:
+            ema.copy_to(trained.module)
+            trained.before_forward()
+        path = trained.write(out, _metadata(config)) if ranks.is_main else None
+        ranks.barrier()
+        return path
     finally:
-        install(model.tokenizer, model.text_encoder, model.adapters.embeddings)
+        unet.gradient_checkpointing = False
+        trained.undo()
 
 
-def _check_word(groups: dict[tuple[int, int], list[Encoded]], config: FinetuneConfig) -> None:
+def _uses_prior(config: FinetuneConfig) -> bool:
+    return config.method in ("dreambooth", "lora") and bool(config.class_prompt) and config.prior_weight > 0
+
+
+def _prior(model: Any, config: FinetuneConfig, ranks: Ranks, progress: bool) -> Groups:
+    """The class images (made by the untouched model on rank 0 when missing), encoded."""
+    assert config.class_prompt is not None
+    folder = Path(config.class_data) if config.class_data else Path(config.out) / "class-images"
+    ranks.main_first(
+        lambda: make_class_images(
+            model,
+            folder,
+            config.class_prompt or "",
+            config.class_images,
+            config.resolution,
+            config.seed,
+            config.sample_steps,
+            progress,
+        )
+    )
+    return encode_folder(model, str(folder), config, "class images: ")
+
+
+def _loss_fn(model: Any, trained: Trained, groups: Groups, prior: Groups | None, config: FinetuneConfig):
+    schedule = NoiseSchedule(model.spec.schedule)
+    scale = model.spec.vae.scale_factor
+    device = next(model.unet.parameters()).device
+    prediction = model.spec.prediction_type
+
+    def one(
+        data: Groups, streams: tuple[int, int, int], step: int, rows: slice, dropout: float
+    ) -> torch.Tensor:
+        batch_stream, posterior_stream, noise_stream = streams
+        batch = _batch(data, config, step, batch_stream)
+        latents = _latents(batch, scale, step_generator(config.seed, posterior_stream, step)).to(device)
+        keep = ~dropout_mask(len(batch), dropout, step_generator(config.seed, STREAM_DROPOUT, step))
+        texts = [e.caption if k else "" for e, k in zip(batch, keep.tolist(), strict=True)][rows]
+        context = _context(model, texts, trained.text_trained)
+        return diffusion_loss(
+            model.unet,
+            schedule,
+            latents,
+            context,
+            prediction,
+            step_generator(config.seed, noise_stream, step),
+            config.min_snr_gamma,
+            rows=rows,
+            offset_noise=config.offset_noise,
+        )
+
+    def loss_fn(step: int, part: Part) -> tuple[torch.Tensor, dict[str, float]]:
+        trained.before_forward()
+        rows = part.rows(config.batch_size)
+        loss = one(groups, (STREAM_BATCH, STREAM_POSTERIOR, STREAM_NOISE), step, rows, config.caption_dropout)
+        parts = {"instance": float(loss.detach())}
+        if prior is not None:
+            streams = (STREAM_PRIOR_BATCH, STREAM_PRIOR_POSTERIOR, STREAM_PRIOR_NOISE)
+            prior_loss = one(prior, streams, step, rows, 0.0)
+            parts["prior"] = float(prior_loss.detach())
+            loss = loss + config.prior_weight * prior_loss
+        return loss, parts
+
+    return loss_fn
+
+
+def _sampler(model: Any, trained: Trained, config: FinetuneConfig, ranks: Ranks):
+    """Images of the sample prompts every ``sample_every`` steps (seeds 0, 1, ...), on rank 0."""
+    if not config.sample_every:
+        return None
+    folder = Path(config.out) / "samples"
+
+    def after_step(step: int) -> None:
+        if step % config.sample_every or not ranks.is_main:
+            return
+        trained.before_forward()
+        trained.module.eval()
+        try:
+            for index, prompt in enumerate(config.sample_prompts):
+                result = model.txt2img(
+                    prompt,
+                    seed=index,
+                    steps=config.sample_steps,
+                    height=config.resolution,
+                    width=config.resolution,
+                    progress=False,
+                )
+                save_png(result.images[0], folder / f"step-{step:06d}-{index}.png", result.parameters[0])
+        finally:
+            trained.module.train()
+
+    return after_step
+
+
+def _check_word(groups: Groups, config: FinetuneConfig) -> None:
     if config.word is None or not config.init_word:
         raise ValueError(
             "textual inversion needs --word (the new word) and --init-word (a word to start from)"
@@ -160,75 +324,5 @@ def _check_word(groups: dict[tuple[int, int], list[Encoded]], config: FinetuneCo
         raise ValueError(f"no caption uses the word {config.word!r}: write it where the concept is")
 
 
-def _start_vectors(model: Any, config: FinetuneConfig) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The model's own added vectors (None if none) and the new word's, trainable, starting as
-    ``init_word``'s token vectors (their mean, repeated); the word is given to the tokenizer."""
-    assert config.word is not None
-    ids = model.tokenizer.encode(config.init_word)
-    if not ids:
-        raise ValueError(f"--init-word {config.init_word!r} has no tokens")
-    table = model.text_encoder.text_model.embeddings.token_embedding.weight.detach()
-    start = table[ids].float().mean(0, keepdim=True).repeat(config.vectors, 1)
-    word = Embedding(config.word.lower(), Path(config.word), start)
-    install(model.tokenizer, model.text_encoder, [*model.adapters.embeddings, word])
-    added = model.text_encoder.text_model.embeddings.added
-    own = added[: -config.vectors].detach() if added.shape[0] > config.vectors else None
-    return own, added[-config.vectors :].detach().clone().requires_grad_(True)
-
-
-def _save_embedding(vectors: torch.Tensor, path: Path, metadata: dict[str, str]) -> Path:
-    """The word's vectors as the web UI saves an embedding (``emb_params``); diffusers reads it too."""
-    from safetensors.torch import save_file
-
-    from openldm.files import replaced_when_done
-
-    with replaced_when_done(path) as temporary:
-        save_file({"emb_params": vectors.float().cpu().contiguous()}, str(temporary), metadata=metadata)
-    return path
-
-
 def _metadata(config: FinetuneConfig) -> dict[str, str]:
-    return {"openldm.finetune": json.dumps(config.__dict__)}
-
-
-def _train(
-    model: Any,
-    parameters: list[torch.Tensor],
-    groups: Any,
-    config: FinetuneConfig,
-    out: Path,
-    progress: bool,
-    before_step: Callable[[], None] | None = None,
-) -> None:
-    optimizer = torch.optim.AdamW(
-        parameters, lr=config.learning_rate, weight_decay=1e-2 if config.method == "lora" else 0.0
-    )
-    warmup = max(config.warmup, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    schedule = NoiseSchedule(model.spec.schedule)
-    scale, device = model.spec.vae.scale_factor, next(model.unet.parameters()).device
-    bar = tqdm(range(config.steps), desc=f"finetune {config.method}", disable=not progress)
-    with open(out / "loss.jsonl", "w", encoding="utf-8") as log:
-        for step in bar:
-            batch = _batch(groups, config, step)
-            latents = _latents(batch, scale, step, config.seed).to(device)
-            if before_step is not None:
-                before_step()
-            context = _context(model, [e.caption for e in batch], config, step)
-            noise_generator = step_generator(config.seed, STREAM_NOISE, step)
-            loss = diffusion_loss(
-                model.unet,
-                schedule,
-                latents,
-                context,
-                model.spec.prediction_type,
-                noise_generator,
-                config.min_snr_gamma,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            value = float(loss)
-            bar.set_postfix(loss=f"{value:.4f}")
-            log.write(json.dumps({"step": step, "loss": value, "lr": scheduler.get_last_lr()[0]}) + "\n")
+    return {"openldm.finetune": json.dumps(dataclasses.asdict(config))}

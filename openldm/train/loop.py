@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,6 +35,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from openldm.files import replaced_when_done
+from openldm.train.distributed import ALONE, Ranks
 from openldm.train.ema import EMA
 
 CHECKPOINT = "checkpoint.pt"
@@ -59,6 +61,7 @@ class Part:
 
 WHOLE = Part()
 LossFn = Callable[[int, Part], tuple[Tensor, dict[str, float]]]
+MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class LoopConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float | None = 0.999  # None: no EMA
     checkpoint_every: int = 500
     log_every: int = 10
     # Stop (with a checkpoint) once this invocation has run this long; None: no limit.
@@ -80,6 +83,12 @@ class LoopConfig:
     # Threads that each compute a block of the batch (module docstring); the intra-op threads are shared
     # out among them. Changes the floating-point summation order only, not what is trained.
     workers: int = 1
+    # Gradient accumulation: the batch is computed in this many blocks one after the other (less memory,
+    # the same step up to summation order).
+    accumulate: int = 1
+    # Forward passes under autocast in this dtype (the weights and the optimiser stay float32);
+    # "fp16" scales the loss against underflow (a GradScaler).
+    mixed_precision: MixedPrecision = "no"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -88,8 +97,10 @@ class LoopConfig:
             raise ValueError(f"need lr > 0 and warmup_steps >= 0, got {self.lr} and {self.warmup_steps}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use 'constant' or 'cosine'")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.workers < 1 or self.accumulate < 1:
+            raise ValueError(f"workers and accumulate must be >= 1, got {self.workers} and {self.accumulate}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"unknown mixed precision {self.mixed_precision!r}; use no, bf16 or fp16")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): linear warm-up, then constant or cosine."""
@@ -101,6 +112,10 @@ class LoopConfig:
         low = self.min_lr_fraction
         return self.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    def blocks(self, ranks: Ranks) -> int:
+        """Blocks each step's batch is cut into: per rank, per accumulation round, per worker."""
+        return ranks.world * self.accumulate * self.workers
+
 
 @dataclass
 class LoopResult:
@@ -108,6 +123,25 @@ class LoopResult:
     finished: bool  # step == config.steps
     seconds: float  # wall time of this invocation
     loss: float  # mean loss of the last logged interval (nan if none)
+
+
+class _StepLoss(nn.Module):
+    """The step's loss as a module's forward (what DistributedDataParallel wraps); ``trained`` holds the
+    parameters, ``loss_fn`` uses them."""
+
+    def __init__(self, trained: nn.Module, loss_fn: LossFn, precision: MixedPrecision) -> None:
+        super().__init__()
+        self.trained = trained
+        self.loss_fn = loss_fn
+        self.precision = precision
+
+    def forward(self, step: int, part: Part) -> tuple[Tensor, dict[str, float]]:
+        if self.precision == "no":
+            return self.loss_fn(step, part)
+        device = next(p for p in self.trained.parameters() if p.requires_grad).device
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.autocast(device.type, dtype=dtype):
+            return self.loss_fn(step, part)
 
 
 def train_loop(
@@ -120,29 +154,48 @@ def train_loop(
     ema: EMA | None = None,
     desc: str = "train",
     progress: bool = True,
+    ranks: Ranks = ALONE,
+    after_step: Callable[[int], None] | None = None,
+    meta: dict[str, object] | None = None,
 ) -> LoopResult:
     """Train ``model``'s parameters that require grad for ``config.steps`` steps (or until the time limit).
 
-    ``ema`` (made here with ``config.ema_decay`` when None) tracks ``model``. With ``resume`` the run
-    continues from ``out_dir/checkpoint.pt`` when it exists; without it an existing checkpoint is an
-    error, so a finished run is never overwritten by accident.
+    ``ema`` (made here with ``config.ema_decay`` when None; none when that is None too) tracks ``model``.
+    With ``resume`` the run continues from ``out_dir/checkpoint.pt`` when it exists; without it an
+    existing checkpoint is an error, so a finished run is never overwritten by accident. ``meta`` is
+    kept in the checkpoint, and a resumed run must bring the same. Under torchrun (``ranks``) each rank
+    computes its blocks of every batch, ``DistributedDataParallel`` sums the gradients, and rank 0
+    alone writes. ``after_step(step)`` runs on every rank after each step.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    if ranks.distributed and config.workers > 1:
+        raise ValueError("worker threads and several processes do not mix: use workers=1 under torchrun")
     # The fused kernel: on the CPU a step of the embedded UNet's AdamW takes 8 ms instead of 30.
     fused = True if all(p.device.type in ("cpu", "cuda") for p in params) else None
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=fused
     )
-    ema = ema if ema is not None else EMA(model, config.ema_decay)
-    step = _start(out, model, optimizer, ema, resume)
-    _truncate_log(out / LOG, step)
+    if ema is None and config.ema_decay is not None:
+        ema = EMA(model, config.ema_decay)
+    scaler = torch.amp.GradScaler(params[0].device.type) if config.mixed_precision == "fp16" else None
+    step = _start(out, model, optimizer, ema, scaler, resume, meta)
+    if ranks.is_main:
+        _truncate_log(out / LOG, step)
+    runner: nn.Module = _StepLoss(model, loss_fn, config.mixed_precision)
+    if ranks.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = params[0].device
+        runner = DistributedDataParallel(runner, device_ids=[device] if device.type == "cuda" else None)
     start_time = time.perf_counter()
     deadline = None if config.minutes is None else start_time + 60.0 * config.minutes
-    bar = tqdm(total=config.steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+    show = progress and ranks.is_main
+    bar = tqdm(total=config.steps, initial=step, desc=desc, disable=not show, dynamic_ncols=True)
     window: list[float] = []
     parts_sum: dict[str, float] = {}
     last_loss = float("nan")
@@ -153,16 +206,24 @@ def train_loop(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss, parts = _forward_backward(loss_fn, step, config.workers, pool)
+            loss, parts = _forward_backward(runner, step, config, ranks, pool, scaler)
             if not torch.isfinite(loss):
-                _save(out, model, optimizer, ema, step, config)
+                if ranks.is_main:
+                    _save(out, model, optimizer, ema, scaler, step, config, meta)
                 raise FloatingPointError(
                     f"{desc}: the loss is {loss.item()} at step {step}; lower the learning rate "
                     f"(the last good state is in {out / CHECKPOINT})"
                 )
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-            optimizer.step()
-            ema.update(model)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             window.append(loss.item())
             for key, value in parts.items():
@@ -173,13 +234,18 @@ def train_loop(
                 entry = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm}
                 entry.update({k: v / len(window) for k, v in parts_sum.items()})
                 entry["seconds"] = round(time.perf_counter() - start_time, 2)
-                with open(out / LOG, "a", encoding="utf-8") as log:
-                    log.write(json.dumps(entry) + "\n")
+                if ranks.is_main:
+                    with open(out / LOG, "a", encoding="utf-8") as log:
+                        log.write(json.dumps(entry) + "\n")
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 window, parts_sum = [], {}
-            timed_out = deadline is not None and time.perf_counter() > deadline
+            if after_step is not None:
+                after_step(step)
+            timed_out = ranks.any(deadline is not None and time.perf_counter() > deadline)
             if step % config.checkpoint_every == 0 or step == config.steps or timed_out:
-                _save(out, model, optimizer, ema, step, config)
+                if ranks.is_main:
+                    _save(out, model, optimizer, ema, scaler, step, config, meta)
+                ranks.barrier()
             if timed_out:
                 break
     bar.close()
@@ -203,23 +269,40 @@ def _workers(workers: int) -> Iterator[ThreadPoolExecutor | None]:
 
 
 def _forward_backward(
-    loss_fn: LossFn, step: int, workers: int, pool: ThreadPoolExecutor | None
+    runner: nn.Module,
+    step: int,
+    config: LoopConfig,
+    ranks: Ranks,
+    pool: ThreadPoolExecutor | None,
+    scaler: torch.amp.GradScaler | None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The step's loss and parts over the whole batch, its gradients accumulated in the parameters."""
+    """The step's loss and parts over the whole (global) batch, this rank's gradients accumulated in
+    the parameters (under DistributedDataParallel: the sum over all ranks, after the last round)."""
+    count = config.blocks(ranks)
 
     def run(part: Part) -> tuple[Tensor, dict[str, float]]:
-        loss, parts = loss_fn(step, part)
-        loss.backward()
+        loss, parts = runner(step, part)
+        # DistributedDataParallel averages the ranks' gradients; each loss is a share of the batch's.
+        scaled = loss * ranks.world
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return loss.detach(), parts
 
-    if pool is None:
-        return run(WHOLE)
-    results = list(pool.map(run, [Part(i, workers) for i in range(workers)]))
-    loss = torch.stack([r[0] for r in results]).sum()
+    results: list[tuple[Tensor, dict[str, float]]] = []
+    for round_ in range(config.accumulate):
+        first = (ranks.rank * config.accumulate + round_) * config.workers
+        round_parts = [Part(first + w, count) for w in range(config.workers)]
+        last = round_ == config.accumulate - 1
+        sync = nullcontext() if last or not ranks.distributed else runner.no_sync()  # type: ignore[operator]
+        with sync:
+            results.extend(map(run, round_parts) if pool is None else pool.map(run, round_parts))
+    loss = ranks.total(torch.stack([r[0] for r in results]).sum().float())
     parts: dict[str, float] = {}
     for _, block_parts in results:
         for key, value in block_parts.items():
             parts[key] = parts.get(key, 0.0) + value
+    if ranks.distributed and parts:
+        keys = sorted(parts)
+        parts = dict(zip(keys, ranks.total(torch.tensor([parts[k] for k in keys])).tolist(), strict=True))
     return loss, parts
 
 
@@ -238,34 +321,68 @@ def checkpoint_step(out_dir: str | Path) -> int | None:
     return int(_read(path)["step"]) if path.is_file() else None
 
 
-def _start(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, resume: bool) -> int:
+def _start(
+    out: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    scaler: torch.amp.GradScaler | None,
+    resume: bool,
+    meta: dict[str, object] | None,
+) -> int:
     path = out / CHECKPOINT
     if not path.is_file():
         return 0
     if not resume:
         raise FileExistsError(f"{path} exists; pass --resume to continue that run, or choose another --out")
     state = _read(path)
+    _check_meta(path, state.get("meta"), meta)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    ema.load_state_dict(state["ema"])
+    if ema is not None:
+        if state.get("ema") is None:
+            raise ValueError(f"{path} was written without EMA; resume it without EMA")
+        ema.load_state_dict(state["ema"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
 
 
+def _check_meta(path: Path, saved: object, given: dict[str, object] | None) -> None:
+    if given is None or saved == given:
+        return
+    saved = saved if isinstance(saved, dict) else {}
+    changed = [
+        f"{k}: {saved.get(k)!r} then, {given.get(k)!r} now"
+        for k in sorted({*saved, *given})
+        if saved.get(k) != given.get(k)
+    ]
+    raise ValueError(f"{path} belongs to a different run ({'; '.join(changed)}); resume it as it was started")
+
+
 def _save(
-    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, step: int, config: LoopConfig
+    out: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    scaler: torch.amp.GradScaler | None,
+    step: int,
+    config: LoopConfig,
+    meta: dict[str, object] | None = None,
 ) -> None:
     state = {
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "ema": ema.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": torch.get_rng_state(),
         "config": dataclasses.asdict(config),
+        "meta": meta,
     }
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out / CHECKPOINT)
+    with replaced_when_done(out / CHECKPOINT) as temporary:
+        torch.save(state, temporary)
 
 
 def _read(path: Path) -> dict:

@@ -87,6 +87,7 @@ def diffusion_loss(
     generator: torch.Generator,
     min_snr_gamma: float | None = None,
     rows: slice | None = None,
+    offset_noise: float = 0.0,
 ) -> Tensor:
     """The DDPM objective: MSE between the UNet's output on ``x_t`` and the eps or v target.
 
@@ -95,10 +96,16 @@ def diffusion_loss(
     ``generator``, so the loss is the same on every device. With ``rows`` only those rows of the batch
     ``x0`` go through the UNet, ``context`` holding those rows' contexts only, with the draws made for
     the whole batch; the result is their share of the batch's loss (the blocks' shares add up to it).
+    ``offset_noise`` adds that much of a per-image, per-channel constant to the noise (drawn after the
+    rest, so a run without it draws as before): the model learns to shift an image's mean brightness,
+    which plain noise hides from it (Guttenberg 2023).
     """
     batch = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    noise = torch.randn(x0.shape, generator=generator)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn((batch, x0.shape[1], 1, 1), generator=generator)
+    noise = noise.to(x0.device, x0.dtype)
     if rows is not None:
         x0, t, noise = x0[rows], t[rows], noise[rows]
     alpha_bar = schedule.alphas_cumprod[t].to(x0.device, x0.dtype)
