@@ -158,7 +158,11 @@ def write_diffusers_folder(
             "text_encoder": (_cpu(text.state_dict(), dtype), "model"),
         }
         configs = {
-            "unet": {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(spec.unet)},
+            "unet": {
+                "_class_name": "UNet2DConditionModel",
+                **unet_config_to_diffusers(spec.unet),
+                "sample_size": spec.image_size // 2 ** (len(spec.vae.ch_mult) - 1),
+            },
             "vae": {
                 "_class_name": "AutoencoderKL",
                 **vae_config_to_diffusers(spec.vae),

@@ -16,12 +16,15 @@ from tqdm.auto import tqdm
 
 from openldm.files import write_atomically
 from openldm.images import save_png
-from openldm.train.captioned import read_captioned
+from openldm.train.captioned import DataError, read_captioned
 
 
 def missing_class_images(folder: Path, count: int) -> list[int]:
     """Indices ``i < count`` with no ``class-i.png`` yet, once the folder's captioned images are counted."""
-    have = len(read_captioned(folder, "skip").samples) if folder.is_dir() else 0
+    try:
+        have = len(read_captioned(folder, "skip").samples)
+    except DataError:  # no captioned image yet
+        have = 0
     free: list[int] = []
     index = 0
     while len(free) < count - have:
