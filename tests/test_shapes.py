@@ -295,3 +295,21 @@ def test_canonical_fraction_swaps_captions_only():
     assert all(everything[i].caption == explicit_caption(everything[i].scene) for i in range(10))
     with pytest.raises(ValueError, match="canonical_fraction"):
         ShapesDataset(seed=4, canonical_fraction=1.5)
+
+
+def test_the_new_kind_is_drawn_captioned_and_told_apart_only_when_asked() -> None:
+    from openldm.shapes.render import ALL_KINDS, NEW_KINDS
+
+    scene = Scene(
+        "white",
+        (
+            ShapeObject("pillar", "red", "large", "top left"),
+            ShapeObject("rectangle", "blue", "large", "centre"),
+        ),
+    )
+    image = render(scene, 64).image
+    assert explicit_caption(scene).startswith("a red pillar in the top left corner and a blue rectangle")
+    told = {d.colour: d.kind for d in detect_objects(image, ALL_KINDS)}
+    assert told == {"red": "pillar", "blue": "rectangle"}
+    assert "pillar" not in {d.kind for d in detect_objects(image)}  # the dataset's kinds only
+    assert NEW_KINDS == ("pillar",) and not set(NEW_KINDS) & set(KIND_WORDS)

@@ -44,6 +44,8 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "bottom": ("at the bottom", "at the bottom centre", "along the bottom edge"),
     "bottom right": ("in the bottom right corner", "at the bottom right", "in the lower right"),
 }
+# The words of the kinds the dataset never shows (render.NEW_KINDS): captions of new concepts only.
+NEW_KIND_WORDS: dict[str, tuple[tuple[str, str], ...]] = {"pillar": (("pillar", "pillars"),)}
 COLOUR_VOCABULARY = frozenset(word for words in COLOUR_WORDS.values() for word in words)
 KIND_VOCABULARY = frozenset(word for forms in KIND_WORDS.values() for pair in forms for word in pair)
 PLURAL_KINDS = frozenset(plural for forms in KIND_WORDS.values() for _, plural in forms)
@@ -65,7 +67,8 @@ def _colour(colour: str, rng: np.random.Generator | None) -> str:
 
 
 def _kind(kind: str, count: int, rng: np.random.Generator | None) -> str:
-    words = KIND_WORDS[kind][0] if rng is None else _pick(rng, KIND_WORDS[kind])
+    forms = KIND_WORDS[kind] if kind in KIND_WORDS else NEW_KIND_WORDS[kind]
+    words = forms[0] if rng is None else _pick(rng, forms)
     return words[0] if count == 1 else words[1]
 
 

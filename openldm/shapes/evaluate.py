@@ -49,8 +49,8 @@ ATTRIBUTES = ("colour", "kind", "position", "count", "scene")
 MAX_RESIDUAL = 70.0  # RGB distance from the blend line beyond which a pixel is unexplained
 # Area / bounding-box area, and how far the centroid sits below the box centre (in box sides): these
 # place the ideal shape of a given area on a region's centroid.
-FILL = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5, "rectangle": 0.5}
-DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "rectangle": 0.0}
+FILL = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5, "rectangle": 0.5, "pillar": 0.5}
+DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "rectangle": 0.0, "pillar": 0.0}
 MIN_AREA = 0.2 * 0.5 * (min(SIZES.values()) / 3) ** 2  # a fifth of a small triangle, as image fraction
 MAX_DETECTIONS = 8
 FRINGE = 0.1  # coverage below this is noise
@@ -137,7 +137,7 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
     return (np.exp(-0.5 * (d / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))).astype(np.float32)
 
 
-def _fit_kind(soft: np.ndarray) -> tuple[str, float]:
+def _fit_kind(soft: np.ndarray, kinds: Sequence[str] = KINDS) -> tuple[str, float]:
     """The kind whose ideal shape, at the soft map's area and centroid and at the best-fitting blur,
     explains the map best; and the fraction of the map's energy it explains."""
     mass = float(soft.sum())
@@ -146,8 +146,8 @@ def _fit_kind(soft: np.ndarray) -> tuple[str, float]:
     window = (0, 0, *soft.shape)
     scale = np.sqrt(mass)
     blurs = [(_blur_matrix(soft.shape[0], s * scale), _blur_matrix(soft.shape[1], s * scale)) for s in BLURS]
-    best_kind, best_error = KINDS[0], np.inf
-    for kind in KINDS:
+    best_kind, best_error = kinds[0], np.inf
+    for kind in kinds:
         side = float(np.sqrt(mass / FILL[kind]))
         template = shape_coverage(kind, cx, cy - DROP[kind] * side, side, 0, window)
         for rows, cols in blurs:
@@ -157,10 +157,12 @@ def _fit_kind(soft: np.ndarray) -> tuple[str, float]:
     return best_kind, 1.0 - best_error / float((soft**2).sum())
 
 
-def _describe(soft: np.ndarray, colour: str, top: int, left: int, size: tuple[int, int]) -> Detection:
+def _describe(
+    soft: np.ndarray, colour: str, top: int, left: int, size: tuple[int, int], kinds: Sequence[str]
+) -> Detection:
     """Kind, position and measures of a component's soft coverage cut out of the image at (top, left)."""
     h, w = size
-    kind, fit = _fit_kind(soft)
+    kind, fit = _fit_kind(soft, kinds)
     ys, xs = np.mgrid[: soft.shape[0], : soft.shape[1]]
     mass = float(soft.sum())
     cx = float((soft * xs).sum() / mass) + 0.5 + left
@@ -228,8 +230,9 @@ def _soft_region(
     return np.where(soft >= FRINGE, soft, 0.0).astype(np.float32), top, left
 
 
-def detect_objects(image: Image.Image | np.ndarray) -> list[Detection]:
-    """The shapes in an RGB image (PIL, or [H, W, 3] in 0..255), largest first."""
+def detect_objects(image: Image.Image | np.ndarray, kinds: Sequence[str] = KINDS) -> list[Detection]:
+    """The shapes in an RGB image (PIL, or [H, W, 3] in 0..255), largest first; each is given the best
+    fitting of ``kinds`` (the dataset's; pass ``ALL_KINDS`` to tell the new kinds too)."""
     pixels = _as_array(image)
     background, background_rgb = _background(pixels)
     names = [c for c in COLOURS if c != background]
@@ -245,7 +248,7 @@ def detect_objects(image: Image.Image | np.ndarray) -> list[Detection]:
         soft, top, left = _soft_region(pixels, region, taken & ~region, colour, background_rgb)
         if not soft.any():  # no pixel of the region reads as its own colour over the background
             continue
-        detections.append(_describe(soft, colour, top, left, region.shape))
+        detections.append(_describe(soft, colour, top, left, region.shape, kinds))
     return sorted(detections, key=lambda d: -d.area)
 
 
@@ -285,14 +288,17 @@ def score(scene: Scene, detections: Sequence[Detection]) -> dict[str, float]:
     return result
 
 
-def evaluate(images: Sequence[Image.Image | np.ndarray], scenes: Sequence[Scene]) -> dict[str, float]:
+def evaluate(
+    images: Sequence[Image.Image | np.ndarray], scenes: Sequence[Scene], kinds: Sequence[str] = KINDS
+) -> dict[str, float]:
     """Accuracies over a set of images: colour, kind and position per object, count per (colour, kind)
-    group, scene per image; each a fraction in [0, 1]; plus ``images`` (how many)."""
+    group, scene per image; each a fraction in [0, 1]; plus ``images`` (how many). Kinds are told
+    among ``kinds``."""
     if len(images) != len(scenes):
         raise ValueError(f"got {len(images)} images for {len(scenes)} scenes; pass one scene per image")
     if not scenes:
         raise ValueError("nothing to evaluate: pass at least one image and its scene")
-    scores = [score(s, detect_objects(im)) for im, s in zip(images, scenes, strict=True)]
+    scores = [score(s, detect_objects(im, kinds)) for im, s in zip(images, scenes, strict=True)]
     objects = sum(s["objects"] for s in scores)
     groups = sum(s["groups"] for s in scores)
     result = {a: sum(s[a] * s["objects"] for s in scores) / objects for a in ("colour", "kind", "position")}

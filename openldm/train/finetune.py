@@ -44,6 +44,14 @@ from openldm.train.losses import diffusion_loss
 from openldm.train.prior import make_class_images
 
 LOSS_LOG = "log.jsonl"
+# What the usual recipes start from: kohya's LoRA 1e-4, the web UI's textual inversion 5e-3, and
+# DreamBooth's and fine-tuning's 5e-6 (all the weights move, so much more slowly).
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "lora": 1e-4,
+    "textual-inversion": 5e-3,
+    "full": 5e-6,
+    "dreambooth": 5e-6,
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class FinetuneConfig:
     steps: int = 500
     batch_size: int = 1  # images per optimizer step, over all processes and accumulation rounds
     accumulate: int = 1
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # None: the method's (DEFAULT_LEARNING_RATES)
     warmup: int = 0
     max_grad_norm: float = 1.0
     ema_decay: float | None = None
@@ -186,7 +194,7 @@ def finetune(
     try:
         loop = LoopConfig(
             steps=config.steps,
-            lr=config.learning_rate,
+            lr=learning_rate(config),
             warmup_steps=config.warmup,
             weight_decay=1e-2 if config.method != "textual-inversion" else 0.0,
             grad_clip=config.max_grad_norm,
@@ -219,6 +227,12 @@ def finetune(
     finally:
         unet.gradient_checkpointing = False
         trained.undo()
+
+
+def learning_rate(config: FinetuneConfig) -> float:
+    if config.learning_rate is not None:
+        return config.learning_rate
+    return DEFAULT_LEARNING_RATES[config.method]
 
 
 def _uses_prior(config: FinetuneConfig) -> bool:

@@ -62,7 +62,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--batch-size", type=int, default=1, help="images per step, over all processes (default: %(default)s)"
     )
     add("--accumulate", type=int, default=1, help="compute each batch in N rounds: less memory (default: 1)")
-    add("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    add(
+        "--lr",
+        type=float,
+        help="AdamW learning rate (default: lora 1e-4, textual-inversion 5e-3, full and dreambooth 5e-6)",
+    )
     add("--warmup", type=int, default=0, help="steps of linear warm-up (default: %(default)s)")
     add("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: %(default)s)")
     add("--ema-decay", type=float, help="keep an EMA of the trained weights and write it (e.g. 0.999)")
