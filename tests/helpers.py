@@ -26,3 +26,27 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = 
 PRINT_PEAK_KIB = (
     "\nprint(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:')))\n"
 )
+
+
+SQUARE_COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+}
+
+
+def write_squares(root, caption: str = "a {} square in the centre"):
+    """A fine-tuning data folder: a coloured square on dark grey per colour, 64x64, with its caption."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rgb in SQUARE_COLOURS.items():
+        image = Image.new("RGB", (64, 64), (20, 20, 20))
+        image.paste(rgb, (16, 16, 48, 48))
+        image.save(root / f"{name}.png")
+        (root / f"{name}.txt").write_text(caption.format(name))
+    return root

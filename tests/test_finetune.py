@@ -13,18 +13,13 @@ import torch
 from PIL import Image
 
 from openldm.cli import main
+from tests.helpers import write_squares
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
 def _data(root: Path) -> Path:
-    root.mkdir()
-    for name, rgb in COLOURS.items():
-        image = Image.new("RGB", (64, 64), (20, 20, 20))
-        image.paste(rgb, (16, 16, 48, 48))
-        image.save(root / f"{name}.png")
-        (root / f"{name}.txt").write_text(f"a {name} square in the centre")
+    write_squares(root)
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (root / "broken.txt").write_text("x")
     Image.new("RGB", (64, 64)).save(root / "lonely.png")

@@ -18,21 +18,15 @@ import torch
 from PIL import Image
 
 from openldm.cli import main
+from tests.helpers import write_squares
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("squares")
-    for name, rgb in COLOURS.items():
-        image = Image.new("RGB", (64, 64), (20, 20, 20))
-        image.paste(rgb, (16, 16, 48, 48))
-        image.save(root / f"{name}.png")
-        (root / f"{name}.txt").write_text(f"a {name} square in the centre")
-    return root
+    return write_squares(tmp_path_factory.mktemp("squares"))
 
 
 def _lora_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -173,13 +167,7 @@ def test_a_full_fine_tune_is_written_as_files_openldm_and_diffusers_read(tmp_pat
 
     diffusers = pytest.importorskip("diffusers")
     pair = diffusers_pair(tmp_path, variant, 64)
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, rgb in COLOURS.items():
-        image = Image.new("RGB", (64, 64), (20, 20, 20))
-        image.paste(rgb, (16, 16, 48, 48))
-        image.save(data / f"{name}.png")
-        (data / f"{name}.txt").write_text(f"a {name} square")
+    data = write_squares(tmp_path / "data", "a {} square")
     kwargs = {"width": 64, "height": 64, "seed": 2, "output_type": "np", "progress": False, "steps": 3}
     before = pair.model.txt2img("a red square", **kwargs).images
     config = FinetuneConfig(

@@ -43,7 +43,6 @@ from openldm.train.loop import LoopConfig, MixedPrecision, Part, train_loop
 from openldm.train.losses import diffusion_loss
 from openldm.train.prior import make_class_images
 
-LOSS_LOG = "log.jsonl"
 # What the usual recipes start from: kohya's LoRA 1e-4, the web UI's textual inversion 5e-3, and
 # DreamBooth's and fine-tuning's 5e-6 (all the weights move, so much more slowly).
 DEFAULT_LEARNING_RATES: dict[str, float] = {
