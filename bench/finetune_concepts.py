@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if not classes.is_dir():
         class_images(base, classes, 32)
     rows: dict[str, dict[str, float]] = {"base model": measure(base, args.eval)}
-    print(rows)
+    print("base model", rows["base model"], flush=True)
     del base
     times: dict[str, list[float]] = {}
     for method in args.methods:
@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 resume = ["--resume"] if steps > args.steps else []
                 seconds = run([*common, "--steps", str(steps), *resume])
                 times.setdefault(method, []).append(seconds)
-                rows[f"{method}, seed {seed}, step {steps}"] = measure(adapted(method, out), args.eval)
-                print(rows, flush=True)
+                name = f"{method}, seed {seed}, step {steps}"
+                rows[name] = measure(adapted(method, out), args.eval)
+                print(name, rows[name], flush=True)
     columns = list(rows["base model"])
     print("\n| model | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
