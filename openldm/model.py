@@ -21,10 +21,12 @@ from openldm import adapters
 from openldm.adapters import Adapters
 from openldm.adapters.embeddings import Embedding
 from openldm.adapters.lora_files import LoraFile
+from openldm.checkpoints.controlnet_file import read_controlnet
 from openldm.checkpoints.load import Networks
 from openldm.checkpoints.load import describe as _describe
 from openldm.checkpoints.load import load as load_networks
 from openldm.embedded import load_embedded_networks
+from openldm.nn.controlnet import ControlNetModel
 from openldm.pipelines.depth2img import depth2img
 from openldm.pipelines.img2img import img2img
 from openldm.pipelines.inpaint import inpaint
@@ -82,6 +84,11 @@ class StableDiffusion(Networks):
     def load_vae(self, path: str | os.PathLike[str] | None) -> None:
         """Decode and encode with another VAE (an original or diffusers file or folder); None: its own."""
         adapters.load_vae(self, path)
+
+    def load_controlnet(self, path: str | os.PathLike[str]) -> ControlNetModel:
+        """A ControlNet (original single file, diffusers file or folder) fitted to this model, to pass
+        in ``controls=[Control(network, image, ...)]``."""
+        return read_controlnet(path, self.unet)
 
     @classmethod
     def from_networks(cls, networks: Networks) -> StableDiffusion:

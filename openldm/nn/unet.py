@@ -17,6 +17,7 @@ The module tree mirrors the reference exactly, so the keys of an original checkp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +133,8 @@ class UNetModel(nn.Module):
     fill with ``load_state_dict(sd, assign=True, strict=True)``.
     """
 
-    def __init__(self, config: UNetConfig) -> None:
+    def __init__(self, config: UNetConfig, decoder: bool = True) -> None:
+        """``decoder=False`` builds the encoder half only (a ControlNet takes it: no output blocks)."""
         super().__init__()
         self.config = config
         mc = config.model_channels
@@ -188,7 +190,10 @@ class UNetModel(nn.Module):
             ResBlock(ch, emb_dim, ch), transformer(ch, False), ResBlock(ch, emb_dim, ch)
         )
 
+        self.skip_channels = tuple(skip_channels)
         self.output_blocks = nn.ModuleList()
+        if not decoder:
+            return
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             attention = 2**level in config.attention_resolutions
             for i in range(config.num_res_blocks + 1):
@@ -214,12 +219,14 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict noise (or v) for latents ``x`` (B, C, H, W) at ``timesteps`` (B,).
 
         ``context`` is the (B, N, context_dim) text conditioning; ``y`` the class input: int labels
         (B,) for an integer class embedding (the x4 upscaler's noise level), a (B, adm_in_channels)
-        vector for ``num_classes="sequential"`` (unCLIP's image embedding).
+        vector for ``num_classes="sequential"`` (unCLIP's image embedding). ``control``: residuals
+        added to each skip connection and, last, to the middle block's output (a ControlNet's).
         """
         if context is None:
             raise ValueError("the UNet needs a context tensor (B, N, context_dim) for its cross-attention")
@@ -248,6 +255,11 @@ class UNetModel(nn.Module):
             h = run(block, h, emb, context)
             skips.append(h)
         h = run(self.middle_block, h, emb, context)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(skips) + 1}")
+            h = h + control[-1].to(h.dtype)
+            skips = [skip + residual.to(skip.dtype) for skip, residual in zip(skips, control, strict=False)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)

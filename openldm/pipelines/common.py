@@ -26,6 +26,7 @@ from openldm.adapters.patcher import Source
 from openldm.adapters.state import vae_hash
 from openldm.config import ModelSpec, Variant
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
+from openldm.pipelines.control import ControlledUNet, PreparedControl
 from openldm.pipelines.memory import Request, check_memory
 from openldm.pipelines.options import PRECISIONS, Callback, GenerationOptions
 from openldm.prompts import encode_prompts, lora_tags
@@ -266,17 +267,26 @@ class Sampling:
     bar: tqdm | None = None
     extra_cond: dict[str, torch.Tensor] | None = None
     extra_uncond: dict[str, torch.Tensor] | None = None
+    controls: list[PreparedControl] | None = None
 
     def __call__(self, x: torch.Tensor, hook: DenoiserHook | None = None) -> torch.Tensor:
         model = self.model
         dtype = dtype_of(model.unet)
-        denoiser = Denoiser(model.unet, NoiseSchedule(model.spec.schedule), model.spec.prediction_type)
-        extra = self._extra(self.extra_cond)
+        schedule = NoiseSchedule(model.spec.schedule)
+        unet: nn.Module = model.unet
+        extra_cond, extra_uncond = self.extra_cond, self.extra_uncond
+        if self.controls:
+            unet = ControlledUNet(model.unet, self.controls, schedule, self.sigmas)
+            base_uncond = extra_uncond if extra_uncond is not None else extra_cond
+            extra_cond = {**(extra_cond or {}), "control_scale": torch.ones(1)}
+            extra_uncond = {**(base_uncond or {}), "control_scale": torch.zeros(1)}
+        denoiser = Denoiser(unet, schedule, model.spec.prediction_type)
+        extra = self._extra(extra_cond)
         cond = {"context": self.cond.to(dtype), **extra}
         uncond = None
         if self.uncond is not None:
-            extra_uncond = extra if self.extra_uncond is None else self._extra(self.extra_uncond)
-            uncond = {"context": self.uncond.to(dtype), **extra_uncond}
+            extra_u = extra if extra_uncond is None else self._extra(extra_uncond)
+            uncond = {"context": self.uncond.to(dtype), **extra_u}
         guided = CFGDenoiser(denoiser, cond, uncond, float(self.guidance_scale))
 
         def x0_float(latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

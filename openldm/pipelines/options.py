@@ -38,6 +38,29 @@ class OptionError(ValueError):
 
 
 @dataclass(frozen=True)
+class Control:
+    """One ControlNet's guidance: the network (``model.load_controlnet``), its control image (PIL, or a
+    tensor [3, H, W] in [0, 1]), its weight, the fraction of the steps it guides (``start`` to ``end``)
+    and ``guess_mode`` (the conditional half only; see :mod:`openldm.pipelines.control`)."""
+
+    network: Any
+    image: Any
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if not _number(self.weight):
+            raise OptionError("controls", f"a control weight must be a finite number, got {self.weight!r}")
+        if not (_number(self.start) and _number(self.end) and 0 <= self.start < self.end <= 1):
+            raise OptionError(
+                "controls",
+                f"control start and end must satisfy 0 <= start < end <= 1, got {self.start}, {self.end}",
+            )
+
+
+@dataclass(frozen=True)
 class GenerationOptions:
     """The options of one generation call (every pipeline's; the defaults are txt2img's).
 
@@ -50,7 +73,8 @@ class GenerationOptions:
     weights. ``precision``: None runs the weights as loaded, fp16/bf16 autocast. ``output_type``: PIL
     images, arrays or tensors in [0, 1], or "latent" (no decoding). ``callback`` runs after every step;
     ``progress`` shows a bar. ``clip_skip``: the web UI's clip skip, 1 uses the text encoder's last
-    layer, N the output of the N-th layer from the end (then its final layer norm).
+    layer, N the output of the N-th layer from the end (then its final layer norm). ``controls``: the
+    ControlNets that guide the run (:class:`Control`).
     """
 
     prompt: Prompt
@@ -74,6 +98,7 @@ class GenerationOptions:
     callback: Callback | None = None
     progress: bool = True
     clip_skip: int = 1
+    controls: tuple[Control, ...] = ()
 
     def __post_init__(self) -> None:
         prompts = _prompts("prompt", self.prompt)
@@ -107,6 +132,11 @@ class GenerationOptions:
             raise OptionError(
                 "output_type",
                 f"unknown output_type {self.output_type!r}; use one of {', '.join(OUTPUT_TYPES)}",
+            )
+        object.__setattr__(self, "controls", tuple(self.controls))
+        if not all(isinstance(c, Control) for c in self.controls):
+            raise OptionError(
+                "controls", "controls must be Control objects (openldm.pipelines.options.Control)"
             )
         if self.noise is not None and not isinstance(self.noise, torch.Tensor):
             raise OptionError("noise", f"noise must be a tensor, got {type(self.noise).__name__}")
@@ -166,6 +196,7 @@ class OptionFields(TypedDict, total=False):
     callback: Callback | None
     progress: bool
     clip_skip: int
+    controls: tuple[Control, ...]
 
 
 def build_options(

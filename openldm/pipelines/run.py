@@ -41,6 +41,7 @@ from openldm.pipelines.common import (
     sampling_sigmas,
     use_adapters,
 )
+from openldm.pipelines.control import prepare_controls
 from openldm.pipelines.options import GenerationOptions
 
 
@@ -112,6 +113,7 @@ class Run:
             self.bar,
             extra,
             extra_uncond,
+            prepare_controls(options.controls, self.size) if options.controls else None,
         )
         return sampling(x, hook)
 

@@ -423,7 +423,8 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor]) -> UNetConfig:
 
     out_ch, in_channels = shape("input_blocks.0.0.weight")[:2]
     model_channels = out_ch
-    out_channels = shape("out.2.weight")[0]
+    # A ControlNet's encoder has no output layer: its width is the input's.
+    out_channels = shape("out.2.weight")[0] if "out.2.weight" in sd else in_channels
     input_ids = {int(m[1]) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.", k))}
     downs = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r"input_blocks\.(\d+)\.0\.op\.weight", k)))
     n_levels = len(downs) + 1

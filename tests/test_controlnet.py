@@ -1,0 +1,167 @@
+"""ControlNet on tiny random models: the network against diffusers' ``ControlNetModel``, whole images
+against ``StableDiffusionControlNetPipeline`` (one and two ControlNets, weights, start/end, guess mode),
+the original single file and the diffusers folder, and the errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from openldm.checkpoints.errors import AdapterError
+from openldm.checkpoints.formats.controlnet import controlnet_from_diffusers
+from openldm.checkpoints.formats.unet import unet_config_to_diffusers
+from openldm.nn.controlnet import ControlNetModel
+from openldm.pipelines.options import Control
+from tests.oracles import diffusers_pair
+from tests.tiny import TINY
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("single_thread")
+SIZE, STEPS, PROMPT, NEGATIVE = 64, 4, "a lighthouse at dawn", "blurry"
+PIXEL_TOL = 1e-3
+_UNET_KEYS = (
+    "in_channels",
+    "down_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "use_linear_projection",
+    "upcast_attention",
+    "only_cross_attention",
+    "norm_num_groups",
+)
+
+
+def diffusers_controlnet(variant: str, seed: int) -> Any:
+    """diffusers' ControlNetModel for the tiny ``variant`` UNet, every weight random (zero convs too)."""
+    config = unet_config_to_diffusers(TINY[variant].unet)
+    net = diffusers.ControlNetModel(**{k: config[k] for k in _UNET_KEYS if k in config}).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return net
+
+
+def write_original(net: Any, variant: str, path: Path) -> Path:
+    """The ControlNet as the ControlNet 1.x files ship: ``control_model.*`` in the original names."""
+    with torch.device("meta"):
+        keys = list(ControlNetModel(TINY[variant].unet).state_dict())
+    ours = controlnet_from_diffusers(net.state_dict(), keys, TINY[variant].unet)
+    safetensors.torch.save_file({f"control_model.{k}": v.contiguous() for k, v in ours.items()}, str(path))
+    return path
+
+
+def control_image(seed: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Any:
+    return diffusers_pair(tmp_path_factory.mktemp("controlnet"), "sd1", SIZE)
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_the_network_matches_diffusers(variant: str) -> None:
+    theirs = diffusers_controlnet(variant, 0)
+    ours = ControlNetModel(TINY[variant].unet).eval()
+    ours.load_state_dict(controlnet_from_diffusers(theirs.state_dict(), list(ours.state_dict()), ours.config))
+    g = torch.Generator().manual_seed(1)
+    x, hint = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    context = torch.randn(2, 77, TINY[variant].unet.context_dim, generator=g)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        down, mid = theirs(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+        mine = ours(x, t, hint, context)
+    for a, b in zip(mine, [*down, mid], strict=True):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+
+
+def _ours(model: Any, controls: list[Control], **options: Any) -> np.ndarray:
+    return model.txt2img(
+        PROMPT, NEGATIVE, steps=STEPS, width=SIZE, height=SIZE, seed=7, output_type="np",
+        progress=False, controls=controls, **options,
+    ).images  # fmt: skip
+
+
+def _theirs(pair: Any, nets: list[Any], images: list[Image.Image], **options: Any) -> np.ndarray:
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        **{k: v for k, v in pair.txt2img.components.items() if k != "image_encoder"},
+        controlnet=nets if len(nets) > 1 else nets[0],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    noise = torch.randn([1, 4, SIZE // 8, SIZE // 8], generator=torch.Generator().manual_seed(7))
+    return pipe(
+        PROMPT, images if len(images) > 1 else images[0], num_inference_steps=STEPS, height=SIZE,
+        width=SIZE, negative_prompt=NEGATIVE, latents=noise, output_type="np", **options,
+    ).images  # fmt: skip
+
+
+def test_images_match_diffusers_controlnet_pipeline(pair, tmp_path) -> None:
+    nets = [diffusers_controlnet("sd1", 1), diffusers_controlnet("sd1", 2)]
+    paths = [write_original(net, "sd1", tmp_path / f"control-{i}.safetensors") for i, net in enumerate(nets)]
+    ours_nets = [pair.model.load_controlnet(p) for p in paths]
+    images = [control_image(3), control_image(4)]
+    plain = _ours(pair.model, [])
+    cases = {
+        "one, weight 0.8, steps 0-0.75": (
+            [Control(ours_nets[0], images[0], 0.8, 0.0, 0.75)],
+            {"controlnet_conditioning_scale": 0.8, "control_guidance_end": 0.75},
+        ),
+        "two, weights and start/end": (
+            [Control(ours_nets[0], images[0], 0.7), Control(ours_nets[1], images[1], 0.5, 0.25, 1.0)],
+            {
+                "controlnet_conditioning_scale": [0.7, 0.5],
+                "control_guidance_start": [0.0, 0.25],
+                "control_guidance_end": [1.0, 1.0],
+            },
+        ),
+        "guess mode": (
+            [Control(ours_nets[0], images[0], 1.0, guess_mode=True)],
+            {"guess_mode": True},
+        ),
+    }
+    for name, (controls, theirs_options) in cases.items():
+        used = nets[: len(controls)]
+        theirs = _theirs(pair, used, images[: len(controls)], **theirs_options)
+        ours = _ours(pair.model, controls)
+        err = float(np.abs(ours - theirs).max())
+        print(f"{name}: max abs pixel error {err:.2e}")
+        assert float(np.abs(theirs - plain).max()) > 20 * PIXEL_TOL, f"{name}: the control changes nothing"
+        assert err <= PIXEL_TOL, f"{name}: max abs pixel error {err:.2e}"
+
+
+def test_original_file_and_diffusers_folder_give_the_same_network(pair, tmp_path) -> None:
+    net = diffusers_controlnet("sd1", 5)
+    net.save_pretrained(tmp_path / "folder")
+    from_file = pair.model.load_controlnet(write_original(net, "sd1", tmp_path / "original.safetensors"))
+    from_folder = pair.model.load_controlnet(tmp_path / "folder")
+    a, b = from_file.state_dict(), from_folder.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    image = control_image(6)
+    assert np.array_equal(
+        _ours(pair.model, [Control(from_file, image)]), _ours(pair.model, [Control(from_folder, image)])
+    )
+
+
+def test_a_controlnet_of_another_version_or_an_image_of_another_aspect_is_one_error(pair, tmp_path) -> None:
+    path = write_original(diffusers_controlnet("sd2", 0), "sd2", tmp_path / "sd2.safetensors")
+    with pytest.raises(
+        AdapterError,
+        match=r"a ControlNet for 128-wide text, not this model \(128-wide text\): model_channels 64, not 32",
+    ):
+        pair.model.load_controlnet(path)
+    net = pair.model.load_controlnet(
+        write_original(diffusers_controlnet("sd1", 0), "sd1", tmp_path / "a.safetensors")
+    )
+    with pytest.raises(ValueError, match="control image 1 is 96x64, another aspect than the 64x64 output"):
+        _ours(pair.model, [Control(net, control_image(0, (96, 64)))])
