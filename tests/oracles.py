@@ -561,3 +561,42 @@ def diffusers_pair(root: Path, variant: str, size: int) -> Pair:
     for pipe in (txt, img):
         pipe.set_progress_bar_config(disable=True)
     return Pair(model, txt, img, folder)
+
+
+@dataclass
+class InpaintPair:
+    """Our model and diffusers' StableDiffusionInpaintPipeline, from one diffusers folder."""
+
+    model: Any
+    pipe: Any
+    folder: Path
+
+
+def inpaint_pair(root: Path, variant: str, size: int) -> InpaintPair:
+    import diffusers
+    import transformers
+
+    import openldm
+    from tests.tiny import TINY
+
+    spec = TINY[variant]
+    folder = root / variant
+    oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
+    write_diffusers_folder(folder, variant, spec, oracles, text_5x=False)
+    tokenizer = transformers.CLIPTokenizer(
+        str(folder / "tokenizer" / "vocab.json"),
+        str(folder / "tokenizer" / "merges.txt"),
+        pad_token=pad_token(spec),
+        model_max_length=77,
+    )
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", sample_size=size // 8)
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
+        folder,
+        unet=unet,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return InpaintPair(openldm.load(folder), pipe, folder)

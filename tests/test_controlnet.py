@@ -165,3 +165,74 @@ def test_a_controlnet_of_another_version_or_an_image_of_another_aspect_is_one_er
     )
     with pytest.raises(ValueError, match="control image 1 is 96x64, another aspect than the 64x64 output"):
         _ours(pair.model, [Control(net, control_image(0, (96, 64)))])
+
+
+def _init_image() -> Image.Image:
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    rgb = np.stack([np.sin(6 * x) * 0.5 + 0.5, y, (x * y) ** 0.5], axis=-1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def test_img2img_matches_diffusers_controlnet_img2img(pair, tmp_path) -> None:
+    net = diffusers_controlnet("sd1", 8)
+    ours_net = pair.model.load_controlnet(write_original(net, "sd1", tmp_path / "c.safetensors"))
+    hint, init = control_image(9), _init_image()
+    ours = pair.model.img2img(
+        PROMPT, init, NEGATIVE, strength=0.6, steps=8, seed=99, output_type="np", progress=False,
+        controls=[Control(ours_net, hint, 0.9, 0.0, 0.8)],
+    ).images  # fmt: skip
+    pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(
+        **{k: v for k, v in pair.txt2img.components.items() if k != "image_encoder"}, controlnet=net
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    theirs = pipe(
+        PROMPT, image=init, control_image=hint, negative_prompt=NEGATIVE, strength=0.6, num_inference_steps=8,
+        controlnet_conditioning_scale=0.9, control_guidance_end=0.8,
+        generator=torch.Generator("cpu").manual_seed(99), output_type="np",
+    ).images  # fmt: skip
+    plain = pair.model.img2img(
+        PROMPT, init, NEGATIVE, strength=0.6, steps=8, seed=99, output_type="np", progress=False
+    ).images
+    err = float(np.abs(ours - theirs).max())
+    print(f"img2img: max abs pixel error {err:.2e}")
+    assert float(np.abs(theirs - plain).max()) > 20 * PIXEL_TOL and err <= PIXEL_TOL
+
+
+def test_inpaint_matches_diffusers_controlnet_inpaint(tmp_path) -> None:
+    from tests.oracles import inpaint_pair
+
+    pair = inpaint_pair(tmp_path, "sd1-inpaint", SIZE)
+    net = diffusers_controlnet("sd1", 10)  # a 4-channel ControlNet guides the 9-channel inpainting UNet
+    ours_net = pair.model.load_controlnet(write_original(net, "sd1", tmp_path / "c.safetensors"))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[16:48, 8:40] = 255
+    mask_image, hint, init = Image.fromarray(mask), control_image(11), _init_image()
+    ours = pair.model.inpaint(
+        PROMPT, init, mask_image, NEGATIVE, steps=6, guidance_scale=5.0, seed=4, output_type="np",
+        progress=False, controls=[Control(ours_net, hint, 0.8)],
+    ).images  # fmt: skip
+    pipe = diffusers.StableDiffusionControlNetInpaintPipeline(
+        **{k: v for k, v in pair.pipe.components.items() if k != "image_encoder"}, controlnet=net
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    theirs = pipe(
+        PROMPT, image=init, mask_image=mask_image, control_image=hint, negative_prompt=NEGATIVE,
+        num_inference_steps=6, guidance_scale=5.0, controlnet_conditioning_scale=0.8,
+        generator=torch.Generator("cpu").manual_seed(4), output_type="np",
+    ).images  # fmt: skip
+    plain = pair.model.inpaint(
+        PROMPT,
+        init,
+        mask_image,
+        NEGATIVE,
+        steps=6,
+        guidance_scale=5.0,
+        seed=4,
+        output_type="np",
+        progress=False,
+    ).images
+    err = float(np.abs(ours - theirs).max())
+    print(f"inpaint: max abs pixel error {err:.2e}")
+    assert float(np.abs(theirs - plain).max()) > 20 * PIXEL_TOL and err <= PIXEL_TOL

@@ -9,7 +9,6 @@ Parity is measured in pixel space, [0, 1] floats; run with ``-s`` to see the err
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,7 @@ from openldm.model import StableDiffusion
 from openldm.pipelines.common import sampling_sigmas
 from openldm.pipelines.inpaint import inpaint, prepare_mask
 from openldm.sampling.samplers import SAMPLERS
-from tests.oracles import (
-    Oracles,
-    pad_token,
-    text_oracle,
-    unet_oracle,
-    vae_oracle,
-    write_diffusers_folder,
-)
-from tests.tiny import TINY
+from tests.oracles import InpaintPair, inpaint_pair
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -55,38 +46,12 @@ ERRORS: dict[str, float] = {}
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@dataclass
-class Pair:
-    model: StableDiffusion
-    pipe: Any  # diffusers StableDiffusionInpaintPipeline
-
-
-def _pair(root: Path, variant: str) -> Pair:
-    spec = TINY[variant]
-    folder = root / variant
-    oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
-    write_diffusers_folder(folder, variant, spec, oracles, text_5x=False)
-    tokenizer = transformers.CLIPTokenizer(
-        str(folder / "tokenizer" / "vocab.json"),
-        str(folder / "tokenizer" / "merges.txt"),
-        pad_token=pad_token(spec),
-        model_max_length=77,
-    )
-    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", sample_size=SIZE // 8)
-    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
-        folder,
-        unet=unet,
-        tokenizer=tokenizer,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return Pair(openldm.load(folder), pipe)
+def _pair(root: Path, variant: str) -> InpaintPair:
+    return inpaint_pair(root, variant, SIZE)
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> dict[str, Pair]:
+def pairs(tmp_path_factory) -> dict[str, InpaintPair]:
     root = tmp_path_factory.mktemp("inpaint")
     return {variant: _pair(root, variant) for variant in VARIANTS}
 
@@ -131,7 +96,7 @@ def _check_pixels(name: str, ours: np.ndarray, theirs: np.ndarray) -> None:
     assert err <= PIXEL_TOL, f"{name}: max abs pixel error {err:.2e} > {PIXEL_TOL}"
 
 
-def _both(pair: Pair, image: Image.Image, mask: Image.Image, sampler: str, strength: float, seed: int):
+def _both(pair: InpaintPair, image: Image.Image, mask: Image.Image, sampler: str, strength: float, seed: int):
     _scheduler(pair.pipe, sampler)
     ours = inpaint(
         pair.model,
