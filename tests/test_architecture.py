@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "openldm"
 # (a module or a sub-package); each layer may use those below it (see docs/architecture.md).
 LAYERS: list[set[str]] = [
     {"config", "devices", "files"},
-    {"nn", "sampling", "tokenizer", "images", "prompts", "shapes"},
+    {"nn", "sampling", "tokenizer", "images", "prompts", "shapes", "control_images"},
     {"checkpoints"},
     {"embedded", "adapters"},
     {"pipelines"},

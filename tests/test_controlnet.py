@@ -236,3 +236,79 @@ def test_inpaint_matches_diffusers_controlnet_inpaint(tmp_path) -> None:
     err = float(np.abs(ours - theirs).max())
     print(f"inpaint: max abs pixel error {err:.2e}")
     assert float(np.abs(theirs - plain).max()) > 20 * PIXEL_TOL and err <= PIXEL_TOL
+
+
+def test_canny_finds_opencvs_edges_and_the_other_preprocessors() -> None:
+    from PIL import ImageDraw, ImageFilter
+
+    from openldm.control_images import canny, preprocess
+
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    image = Image.new("RGB", (128, 128), (40, 60, 80))
+    draw = ImageDraw.Draw(image)
+    for _ in range(5):
+        x, y, w, h = (int(v) for v in rng.integers(5, 90, 4))
+        draw.ellipse(
+            (x, y, x + w // 2 + 8, y + h // 2 + 8), fill=tuple(int(v) for v in rng.integers(0, 255, 3))
+        )
+    ours = np.asarray(canny(image))[..., 0] > 0
+    blurred = np.asarray(image.convert("L").filter(ImageFilter.GaussianBlur(1.0)))
+    theirs = cv2.Canny(blurred, 100, 200, L2gradient=True) > 0
+
+    def near(mask: np.ndarray) -> np.ndarray:
+        return cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+
+    assert theirs.sum() > 100 and abs(int(ours.sum()) - int(theirs.sum())) <= 0.05 * theirs.sum()
+    assert (ours & near(theirs)).sum() == ours.sum() and (theirs & near(ours)).sum() == theirs.sum()
+    page = Image.new("RGB", (8, 8), (250, 250, 250))
+    page.putpixel((3, 3), (10, 10, 10))
+    scribble = np.asarray(preprocess(page, "scribble"))
+    assert scribble[3, 3].tolist() == [255, 255, 255] and scribble[0, 0].tolist() == [0, 0, 0]
+    assert np.asarray(preprocess(page, "invert"))[3, 3].tolist() == [245, 245, 245]
+    with pytest.raises(ValueError, match="the openpose preprocessor needs the OpenPose body model"):
+        preprocess(page, "openpose")
+
+
+def test_command_line_with_two_controlnets_writes_their_parameters(tmp_path, capsys) -> None:
+    import openldm
+    from openldm.cli import main
+    from openldm.images import read_parameters
+
+    model = openldm.load()
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for index in range(2):
+        net = ControlNetModel(model.unet.config)
+        sd = {
+            f"control_model.{k}": torch.randn(v.shape, generator=g) * 0.05
+            for k, v in net.state_dict().items()
+        }
+        paths.append(tmp_path / f"cn{index}.safetensors")
+        safetensors.torch.save_file(sd, str(paths[-1]))
+    picture = Image.new("RGB", (64, 64), (240, 240, 240))
+    picture.paste((20, 20, 20), (20, 20, 44, 44))
+    picture.save(tmp_path / "square.png")
+    base = ["txt2img", "--prompt", "a red circle", "--ddim_steps", "3", "--n_samples", "1", "--n_iter", "1"]
+    base += ["--seed", "3", "--skip_grid"]
+    controls = ["--controlnet", str(paths[0]), "--control-image", str(tmp_path / "square.png")]
+    controls += ["--controlnet", str(paths[1]), "--control-image", str(tmp_path / "square.png")]
+    controls += ["--control-preprocess", "canny", "--control-preprocess", "invert", "--control-weight", "0.5"]
+    controls += ["--control-end", "1", "--control-end", "0.5"]
+    assert main([*base, "--outdir", str(tmp_path / "plain")]) == 0
+    assert main([*base, *controls, "--outdir", str(tmp_path / "controlled")]) == 0
+    plain = np.asarray(Image.open(next((tmp_path / "plain" / "samples").iterdir())), dtype=np.float32)
+    written = next((tmp_path / "controlled" / "samples").iterdir())
+    assert np.abs(np.asarray(Image.open(written), dtype=np.float32) - plain).max() > 5
+    parameters = read_parameters(written)
+    assert parameters["ControlNet 0"].startswith("Module: canny, Model: cn0 [")
+    assert parameters["ControlNet 1"].endswith(
+        "Weight: 0.5, Guidance Start: 0.0, Guidance End: 0.5, Control Mode: Balanced"
+    )
+    capsys.readouterr()
+    assert main([*base, *controls[:4], "--control-image", str(tmp_path / "square.png")]) == 2
+    assert "1 --controlnet but 2 --control-image" in capsys.readouterr().err
+    Image.new("RGB", (96, 64)).save(tmp_path / "wide.png")
+    argv = [*base, "--controlnet", str(paths[0]), "--control-image", str(tmp_path / "wide.png")]
+    assert main([*argv, "--outdir", str(tmp_path / "wide")]) == 2
+    assert "another aspect than the 64x64 output" in capsys.readouterr().err

@@ -11,6 +11,8 @@ cannot show), its own input width, and the model's dtype and device.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -85,10 +87,21 @@ def read_controlnet(path: str | os.PathLike[str], unet: torch.nn.Module) -> Cont
     parameter = next(unet.parameters())
     try:
         sd, config = _our_layout(path, read_state_dict(file), unet.config)
-        return build_network(
+        network = build_network(
             ControlNetModel, config, sd, "ControlNet", os.fspath(path), parameter.dtype, parameter.device
         )
     except AdapterError:
         raise
     except CheckpointError as e:
         raise AdapterError(path, e.problem, e.advice) from None
+    network.name = path.name if path.is_dir() else path.stem
+    network.short_hash = _sha256(file)[:8]
+    return network
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

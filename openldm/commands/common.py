@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openldm.checkpoints.errors import HubUnavailableError
+from openldm.commands.control_flags import control_requests, with_networks
 
 if TYPE_CHECKING:  # the pipelines (and torch) are imported when a command runs, not with the parser
     from PIL import Image
@@ -293,9 +294,15 @@ def run_generation(
     check_input(args)
     batches = prompt_batches(args)
     options = generation_options(args, batches[0], args.scale if args.scale is not None else scale(""))
+    try:
+        controls = control_requests(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     task = make_task()
     model = load_model(args)
     check_model(args, model)
+    if controls:
+        options = options.replace(controls=with_networks(controls, model, args.controlnet))
     if args.scale is None and scale(model.spec.variant) != options.guidance_scale:
         options = options.replace(guidance_scale=scale(model.spec.variant))
     save_outputs(args, run_batches(args, model, task, options, batches))

@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from openldm.commands.common import DEFAULT_PROMPT
+from openldm.commands.control_flags import add_control_flags
 
 # Guidance scale defaults of the reference scripts: SD 1's, and SD 2's (for SD 2 models).
 DEFAULT_SCALES = {"txt2img": (7.5, 9.0), "img2img": (5.0, 9.0)}
@@ -194,6 +195,7 @@ def add_generation_flags(
     sampling_flags(flags, steps=50, n_iter=1 if img else 3, n_samples=2 if img else 3, scale=scale)
     size_flags(flags, "the init image's size" if img else "the model's image size")
     model_flags(flags, embedded)
+    add_control_flags(flags)
     flags.add(
         "--base",
         help="for a UNet-only variant file as --ckpt (openldm train --stage inpaint|depth): the complete "

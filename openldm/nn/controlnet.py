@@ -43,6 +43,8 @@ class ControlNetModel(nn.Module):
         self.zero_convs = nn.ModuleList([nn.Sequential(nn.Conv2d(ch, ch, 1)) for ch in encoder.skip_channels])
         width = encoder.skip_channels[-1]
         self.middle_block_out = nn.Sequential(nn.Conv2d(width, width, 1))
+        # Where it was read from, for the images' parameters (set by the reader).
+        self.name, self.short_hash = "", ""
 
     @property
     def hint_channels(self) -> int:

@@ -411,8 +411,24 @@ def run_settings(
         "Clip skip": options.clip_skip if options.clip_skip > 1 else None,
         "Eta": options.sampler_options.get("eta"),
         "Fixed code": True if options.fixed_code and options.n_iter > 1 else None,
+        **control_settings(options),
         **adapter_hashes(model, options),
     }
+
+
+def control_settings(options: GenerationOptions) -> dict[str, str]:
+    """Each ControlNet as the web UI's ControlNet extension writes it (``ControlNet 0: "Module: canny,
+    Model: name [hash], Weight: 1.0, ..."``)."""
+    out = {}
+    for index, control in enumerate(options.controls):
+        network = control.network
+        mode = "ControlNet is more important" if control.guess_mode else "Balanced"
+        out[f"ControlNet {index}"] = (
+            f"Module: {control.module}, Model: {network.name} [{network.short_hash}], "
+            f"Weight: {control.weight}, Guidance Start: {control.start}, Guidance End: {control.end}, "
+            f"Control Mode: {mode}"
+        )
+    return out
 
 
 def adapter_hashes(model: Model, options: GenerationOptions) -> dict[str, Any]:

@@ -41,7 +41,8 @@ class OptionError(ValueError):
 class Control:
     """One ControlNet's guidance: the network (``model.load_controlnet``), its control image (PIL, or a
     tensor [3, H, W] in [0, 1]), its weight, the fraction of the steps it guides (``start`` to ``end``)
-    and ``guess_mode`` (the conditional half only; see :mod:`openldm.pipelines.control`)."""
+    and ``guess_mode`` (the conditional half only; see :mod:`openldm.pipelines.control`). ``module``:
+    the preprocessor that made the image, for the PNG parameters."""
 
     network: Any
     image: Any
@@ -49,6 +50,7 @@ class Control:
     start: float = 0.0
     end: float = 1.0
     guess_mode: bool = False
+    module: str = "none"
 
     def __post_init__(self) -> None:
         if not _number(self.weight):

@@ -1,0 +1,116 @@
+"""The ControlNet flags of the generation commands: ``--controlnet PATH --control-image IMG
+[--control-preprocess P --control-weight W --control-start S --control-end E]``, repeatable, and
+``--guess-mode``. The n-th of each list goes with the n-th ControlNet; a list of one applies to all.
+Everything is checked and every control image made before the checkpoint is read."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openldm.control_images import NEEDS_A_MODEL, PREPROCESSORS
+
+if TYPE_CHECKING:
+    from openldm.model import StableDiffusion
+    from openldm.pipelines.options import Control
+
+PER_CONTROL = ("control_preprocess", "control_weight", "control_start", "control_end")
+
+
+def add_control_flags(flags: Any) -> None:
+    flags.add(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a ControlNet (ControlNet 1.0/1.1 .pth or .safetensors, a diffusers file or folder); repeat for "
+        "several, each with its --control-image",
+    )
+    flags.add("--control-image", action="append", default=[], metavar="IMG", help="its control image")
+    flags.add(
+        "--control-preprocess",
+        action="append",
+        default=[],
+        choices=[*PREPROCESSORS, *NEEDS_A_MODEL],
+        help="make the control image from a picture first: canny edges, scribble, threshold, invert "
+        "(default: none, the image is the control image)",
+    )
+    flags.add("--control-weight", action="append", default=[], type=float, help="its weight (default 1)")
+    flags.add(
+        "--control-start",
+        action="append",
+        default=[],
+        type=float,
+        help="fraction of the steps where it starts",
+    )
+    flags.add(
+        "--control-end", action="append", default=[], type=float, help="... and where it ends (default 1)"
+    )
+    flags.add(
+        "--guess-mode",
+        action="store_true",
+        help="the ControlNets guide only the prompt's half of guidance (the web UI's 'ControlNet is more "
+        "important')",
+    )
+
+
+def _nth(values: list[Any], index: int, default: Any) -> Any:
+    if not values:
+        return default
+    return values[0] if len(values) == 1 else values[index]
+
+
+def control_requests(args: argparse.Namespace) -> list[Control]:
+    """The ControlNets asked for, their images made, without networks yet (checked now: a bad flag is a
+    ``ValueError`` naming it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from openldm.control_images import preprocess
+    from openldm.pipelines.options import Control, OptionError
+
+    count = len(args.controlnet)
+    if len(args.control_image) != count:
+        raise ValueError(
+            f"{count} --controlnet but {len(args.control_image)} --control-image: give one image each"
+        )
+    for name in PER_CONTROL:
+        values = getattr(args, name)
+        if len(values) not in (0, 1, count):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{len(values)} {flag} for {count} --controlnet: give one, or one per ControlNet"
+            )
+    requests = []
+    for index, (path, image_path) in enumerate(zip(args.controlnet, args.control_image, strict=True)):
+        if not Path(path).exists():
+            raise ValueError(f"--controlnet {path!r}: no such file or folder")
+        try:
+            with Image.open(image_path) as opened:
+                picture = opened.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"--control-image {image_path!r} cannot be read ({e})") from None
+        module = _nth(args.control_preprocess, index, "none")
+        try:
+            requests.append(
+                Control(
+                    None,
+                    preprocess(picture, module),
+                    _nth(args.control_weight, index, 1.0),
+                    _nth(args.control_start, index, 0.0),
+                    _nth(args.control_end, index, 1.0),
+                    args.guess_mode,
+                    module,
+                )
+            )
+        except OptionError as e:
+            raise ValueError(f"ControlNet {index + 1}: {e}") from None
+    return requests
+
+
+def with_networks(requests: list[Control], model: StableDiffusion, paths: list[str]) -> tuple[Control, ...]:
+    return tuple(
+        dataclasses.replace(request, network=model.load_controlnet(path))
+        for request, path in zip(requests, paths, strict=True)
+    )
