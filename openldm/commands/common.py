@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the pipelines (and torch) are imported when a command runs,
     from PIL import Image
 
     from openldm.model import StableDiffusion
-    from openldm.pipelines.options import GenerationOptions, OptionError, Precision
+    from openldm.pipelines.options import GenerationOptions, Hires, OptionError, Precision
     from openldm.pipelines.run import Task
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
@@ -224,11 +224,24 @@ def generation_options(
         "weighting": not args.no_weighting,
         "precision": precision,
         "clip_skip": args.clip_skip,
+        "hires": hires_option(args),
     }
     try:
         return GenerationOptions(prompts, args.negative_prompt, **values)
     except OptionError as e:
         raise UsageError(flag_message(e)) from None
+
+
+def hires_option(args: argparse.Namespace) -> Hires | None:
+    """The hires fix the --hires-* flags ask for (None without --hires-scale)."""
+    from openldm.pipelines.options import Hires, OptionError
+
+    if getattr(args, "hires_scale", None) is None:
+        return None
+    try:
+        return Hires(args.hires_scale, args.hires_steps, args.hires_strength, args.hires_upscaler)
+    except OptionError as e:
+        raise UsageError(f"--{str(e).replace(' ', '-', 1)}") from None
 
 
 def flag_message(error: OptionError) -> str:

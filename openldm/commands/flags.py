@@ -170,6 +170,28 @@ def adapter_flags(flags: Flags) -> None:
     flags.add("--vae", help="decode with this VAE: an original or diffusers VAE file (e.g. ft-MSE) or folder")
 
 
+def hires_flags(flags: Flags) -> None:
+    """The web UI's hires fix: generate, upscale, then img2img at the larger size."""
+    flags.add(
+        "--hires-scale",
+        type=float,
+        help="hires fix: upscale the first pass by this (e.g. 2) and redraw it at that size (default: off)",
+    )
+    flags.add("--hires-steps", type=int, help="steps of the second pass (default: --ddim_steps)")
+    flags.add(
+        "--hires-strength",
+        type=float,
+        default=0.7,
+        help="how much the second pass redraws (default: %(default)s)",
+    )
+    flags.add(
+        "--hires-upscaler",
+        choices=["latent", "lanczos"],
+        default="latent",
+        help="upscale the latents, or the decoded images with Lanczos (default: %(default)s)",
+    )
+
+
 def add_generation_flags(
     parser: argparse.ArgumentParser,
     command: str,
@@ -191,6 +213,8 @@ def add_generation_flags(
         )
         flags.add("--strength", type=float, default=0.75, help=strength)
     output_flags(flags, command)
+    if not img:
+        hires_flags(flags)
     scale = f"{low}, {high} for SD 2 models, as the reference scripts"
     sampling_flags(flags, steps=50, n_iter=1 if img else 3, n_samples=2 if img else 3, scale=scale)
     size_flags(flags, "the init image's size" if img else "the model's image size")

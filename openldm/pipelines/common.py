@@ -411,8 +411,22 @@ def run_settings(
         "Clip skip": options.clip_skip if options.clip_skip > 1 else None,
         "Eta": options.sampler_options.get("eta"),
         "Fixed code": True if options.fixed_code and options.n_iter > 1 else None,
+        **hires_settings(options),
         **control_settings(options),
         **adapter_hashes(model, options),
+    }
+
+
+def hires_settings(options: GenerationOptions) -> dict[str, Any]:
+    """The hires fix as the web UI writes it."""
+    hires = options.hires
+    if hires is None:
+        return {}
+    return {
+        "Denoising strength": hires.strength,
+        "Hires upscale": hires.scale,
+        "Hires steps": hires.steps,
+        "Hires upscaler": "Latent" if hires.upscaler == "latent" else "Lanczos",
     }
 
 

@@ -43,6 +43,7 @@ class Img2Img(Task):
 
     image: InitImage
     strength: float = 0.75
+    name = "img2img"
     encodes = True
     pixels: torch.Tensor = field(init=False, repr=False)
     latent: torch.Tensor = field(init=False, repr=False)

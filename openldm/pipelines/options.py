@@ -62,6 +62,30 @@ class Control:
             )
 
 
+HiresUpscaler = Literal["latent", "lanczos"]
+
+
+@dataclass(frozen=True)
+class Hires:
+    """The web UI's hires fix: upscale by ``scale`` (``upscaler``: the latents, or the decoded images
+    with Lanczos) and img2img at the larger size with ``strength`` over ``steps`` (None: the run's)."""
+
+    scale: float = 2.0
+    steps: int | None = None
+    strength: float = 0.7
+    upscaler: HiresUpscaler = "latent"
+
+    def __post_init__(self) -> None:
+        if not _number(self.scale) or not 1 < self.scale <= 4:
+            raise OptionError("hires", f"hires scale must be in (1, 4], got {self.scale!r}")
+        if self.steps is not None:
+            _whole("hires steps", self.steps, low=1)
+        if not _number(self.strength) or not 0 <= self.strength <= 1:
+            raise OptionError("hires", f"hires strength must be in [0, 1], got {self.strength!r}")
+        if self.upscaler not in ("latent", "lanczos"):
+            raise OptionError("hires", f"unknown hires upscaler {self.upscaler!r}; use latent or lanczos")
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """The options of one generation call (every pipeline's; the defaults are txt2img's).
@@ -76,7 +100,7 @@ class GenerationOptions:
     images, arrays or tensors in [0, 1], or "latent" (no decoding). ``callback`` runs after every step;
     ``progress`` shows a bar. ``clip_skip``: the web UI's clip skip, 1 uses the text encoder's last
     layer, N the output of the N-th layer from the end (then its final layer norm). ``controls``: the
-    ControlNets that guide the run (:class:`Control`).
+    ControlNets that guide the run (:class:`Control`). ``hires``: the hires fix (txt2img only).
     """
 
     prompt: Prompt
@@ -101,6 +125,7 @@ class GenerationOptions:
     progress: bool = True
     clip_skip: int = 1
     controls: tuple[Control, ...] = ()
+    hires: Hires | None = None
 
     def __post_init__(self) -> None:
         prompts = _prompts("prompt", self.prompt)
@@ -135,6 +160,8 @@ class GenerationOptions:
                 "output_type",
                 f"unknown output_type {self.output_type!r}; use one of {', '.join(OUTPUT_TYPES)}",
             )
+        if self.hires is not None and not isinstance(self.hires, Hires):
+            raise OptionError("hires", "hires must be a Hires object (openldm.pipelines.options.Hires)")
         object.__setattr__(self, "controls", tuple(self.controls))
         if not all(isinstance(c, Control) for c in self.controls):
             raise OptionError(
@@ -199,6 +226,7 @@ class OptionFields(TypedDict, total=False):
     progress: bool
     clip_skip: int
     controls: tuple[Control, ...]
+    hires: Hires | None
 
 
 def build_options(

@@ -12,6 +12,7 @@ draws.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,7 @@ from openldm.pipelines.common import (
     use_adapters,
 )
 from openldm.pipelines.control import prepare_controls
+from openldm.pipelines.hires import hires_sigmas_of, hires_size, upscale_latents
 from openldm.pipelines.options import GenerationOptions
 
 
@@ -87,6 +89,19 @@ class Run:
         if latent is None:
             return unit * self.options.sampler_info.initial_sigma(self.sigmas)
         return latent + float(self.sigmas[0]) * unit
+
+    def hires(self, x: torch.Tensor) -> torch.Tensor:
+        """The hires fix's second pass on the first pass's latents ``x`` (see :mod:`.hires`)."""
+        hires = self.options.hires
+        assert hires is not None
+        factor = self.model.spec.vae.downsampling_factor
+        size = hires_size(*self.size, hires, factor)
+        latent = upscale_latents(x, size, hires, factor, self.decode, self.encode)
+        sigmas = hires_sigmas_of(self.model, self.options)
+        if len(sigmas) == 1:
+            return latent
+        big = dataclasses.replace(self, size=size, shape=tuple(latent.shape), sigmas=sigmas)
+        return big.sample(big.start(big.draw(big.shape), latent))
 
     def sample(
         self,
@@ -163,6 +178,8 @@ class Task:
     def denoise(self, run: Run, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One repeat from its unit starting noise: (final latents, decoded images or None)."""
         x = run.sample(run.start(unit))
+        if run.options.hires is not None:
+            x = run.hires(x)
         return x, run.decode(x)
 
     def finish(self, result: Generation) -> Generation:
@@ -186,7 +203,10 @@ def generate(model: Model, task: Task, options: GenerationOptions) -> Generation
     with torch.inference_mode():
         with autocast(device_of(model.unet), options.precision):
             cond, uncond = conditioning(model, texts, negatives, options)
-        bar = progress_bar(options.n_iter * task.passes() * (len(sigmas) - 1), options.progress, task.name)
+        steps = task.passes() * (len(sigmas) - 1)
+        if options.hires is not None:
+            steps += len(hires_sigmas_of(model, options)) - 1
+        bar = progress_bar(options.n_iter * steps, options.progress, task.name)
         run = Run(model, options, (height, width), shape, sigmas, generator, cond, uncond, bar)
         task.prepare(run)
         fixed = _fixed_noise(run)
@@ -224,6 +244,22 @@ def _check(model: Model, task: Task, options: GenerationOptions) -> tuple[int, i
     height, width = task.image_size(model, options)
     tile = task.tile_latent()
     factor = model.spec.vae.downsampling_factor
+    if options.hires is not None:
+        if task.name != "txt2img":
+            raise ValueError(f"the hires fix belongs to txt2img, not {task.name}")
+        big_height, big_width = hires_size(height, width, options.hires, factor)
+        check_size(big_width, big_height, factor)
+        check_request_memory(
+            model,
+            images=options.images_per_repeat,
+            repeats=options.n_iter,
+            width=big_width,
+            height=big_height,
+            guidance_scale=options.guidance_scale,
+            precision=options.precision,
+            output_type=options.output_type,
+            encode=options.hires.upscaler == "lanczos",
+        )
     check_request_memory(
         model,
         images=options.images_per_repeat,
