@@ -13,6 +13,7 @@ batch 1, classifier-free guidance 7.5 (two UNet evaluations per step), DDIM in b
 | depth2img      | sd2-depth     | 512        | image + depth map (no estimator), strength 1  |
 | upscale-x4     | x4-upscaler   | 128 -> 512 | low-res image, noise level 20                 |
 | unclip         | sd21-unclip-h | 768        | CLIP image embedding given, noise level 0     |
+| controlnet-sd15| sd15 + ControlNet | 512    | prompt + control image (a ControlNet of SD 1.5's size) |
 
 Method: a run has ``--warmup`` + ``--steps`` steps (default 1 + 3). Both tools call back after every
 step; a step's time is the time from the previous step's callback to its own, so the warm-up step
@@ -79,6 +80,7 @@ CASES: dict[str, Case] = {
     "depth2img": Case("sd2-depth", "depth"),
     "upscale-x4": Case("x4-upscaler", "x4-upscaler", upscale=4),
     "unclip": Case("sd21-unclip-h", "unclip"),
+    "controlnet-sd15": Case("sd15", "sd1"),
 }
 
 
@@ -125,6 +127,15 @@ def random_weights(spec: ModelSpec, dtype: torch.dtype) -> tuple[peers.StateDict
     with torch.device("meta"):
         nets = (UNetModel(spec.unet), AutoencoderKL(spec.vae), CLIPTextEncoder(spec.text))
     return tuple(random_state_dict(net, gen, dtype) for net in nets)
+
+
+def controlnet_weights(spec: ModelSpec, dtype: torch.dtype) -> peers.StateDict:
+    """A ControlNet of the UNet's size in openldm's (the original) layout, the same on every call."""
+    from openldm.nn.controlnet import ControlNetModel
+
+    with torch.device("meta"):
+        net = ControlNetModel(spec.unet)
+    return random_state_dict(net, torch.Generator().manual_seed(SEED + 1), dtype)
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -197,10 +208,18 @@ def prepare_openldm(name: str, spec: ModelSpec, size: int, dtype: torch.dtype) -
     common = {"steps": 0, "guidance_scale": GUIDANCE, "sampler": "ddim", "seed": SEED}
     common |= {"output_type": "latent", "progress": False}
     embedder = _ours_embedder(spec) if name == "unclip" else None
+    if name.startswith("controlnet"):
+        from openldm.nn.controlnet import ControlNetModel
+        from openldm.pipelines.options import Control
+
+        with torch.device("meta"):
+            net = ControlNetModel(spec.unet)
+        net.load_state_dict(controlnet_weights(spec, dtype), strict=True, assign=True)
+        common["controls"] = (Control(net.eval().requires_grad_(False), picture(size)),)
 
     def run(steps: int, callback: Callable[..., Any]) -> torch.Tensor:
         options = {**common, "steps": steps, "callback": callback}
-        if name.startswith("txt2img"):
+        if name.startswith(("txt2img", "controlnet")):
             out = model.txt2img(PROMPT, NEGATIVE, width=size, height=size, **options)
         elif name == "inpaint":
             out = model.inpaint(PROMPT, picture(size), mask(size), NEGATIVE, strength=1.0, **options)
@@ -237,6 +256,20 @@ def _diffusers_pipeline(name: str, spec: ModelSpec, dtype: torch.dtype, folder: 
     no_safety = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if name.startswith("txt2img"):
         pipe = diffusers.StableDiffusionPipeline(**parts, **no_safety)
+    elif name.startswith("controlnet"):
+        from openldm.checkpoints.formats.controlnet import controlnet_to_diffusers
+        from openldm.checkpoints.formats.unet import unet_config_to_diffusers
+
+        config = unet_config_to_diffusers(spec.unet)
+        keys = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block")
+        keys += ("cross_attention_dim", "attention_head_dim", "use_linear_projection", "upcast_attention")
+        theirs = controlnet_to_diffusers(controlnet_weights(spec, dtype), spec.unet)
+        controlnet = peers._assigned(
+            lambda: diffusers.ControlNetModel(**{k: config[k] for k in keys if k in config}),
+            theirs,
+            "ControlNet",
+        )
+        pipe = diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, **no_safety)
     elif name == "inpaint":
         pipe = diffusers.StableDiffusionInpaintPipeline(**parts, **no_safety)
     elif name == "depth2img":
@@ -294,6 +327,8 @@ def prepare_diffusers(
         legacy = {"callback": callback, "callback_steps": 1}  # the pipelines without callback_on_step_end
         if name.startswith("txt2img"):
             out = pipe(PROMPT, height=size, width=size, **options, **step_end)
+        elif name.startswith("controlnet"):
+            out = pipe(PROMPT, picture(size), height=size, width=size, **options, **step_end)
         elif name == "inpaint":
             image, m = picture(size), mask(size)
             out = pipe(

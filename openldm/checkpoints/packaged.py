@@ -38,3 +38,18 @@ def embedded_file(kind: str | None = None) -> Path:
             "or pass a checkpoint of your own (load(path), --ckpt PATH)",
         )
     return path
+
+
+CONTROLNET_FILE = EMBEDDED_FILE.with_name("embedded-controlnet.safetensors")
+
+
+def embedded_controlnet_file() -> Path:
+    """The packaged ControlNet of the embedded model (shapes placed by their outlines)."""
+    if not CONTROLNET_FILE.is_file():
+        raise MissingWeightsError(
+            CONTROLNET_FILE,
+            "the embedded model's ControlNet is missing from this installation",
+            "Reinstall openldm, rebuild it with `openldm train --stage controlnet --out runs/controlnet "
+            "--export openldm/data/embedded-controlnet.safetensors`, or pass --controlnet PATH",
+        )
+    return CONTROLNET_FILE

@@ -64,12 +64,20 @@ def _nth(values: list[Any], index: int, default: Any) -> Any:
 
 def control_requests(args: argparse.Namespace) -> list[Control]:
     """The ControlNets asked for, their images made, without networks yet (checked now: a bad flag is a
-    ``ValueError`` naming it)."""
+    ``ValueError`` naming it). The embedded model has a ControlNet of its own: with no --ckpt, a
+    --control-image without --controlnet uses it."""
     from PIL import Image, UnidentifiedImageError
 
+    from openldm.checkpoints.packaged import embedded_controlnet_file
     from openldm.control_images import preprocess
     from openldm.pipelines.options import Control, OptionError
 
+    if args.control_image and not args.controlnet:
+        if args.ckpt is not None:
+            raise ValueError(
+                "--control-image needs a --controlnet made for this model (only the embedded one is built in)"
+            )
+        args.controlnet = [str(embedded_controlnet_file())] * len(args.control_image)
     count = len(args.controlnet)
     if len(args.control_image) != count:
         raise ValueError(

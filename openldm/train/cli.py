@@ -19,6 +19,8 @@ STAGES = {
     # The variants, trained from a finished base model (openldm/train/variants.py).
     "inpaint": ("inpaint",),
     "depth": ("depth",),
+    # The embedded model's ControlNet (openldm/train/controlnet.py).
+    "controlnet": ("controlnet",),
 }
 DESCRIPTION = """\
 Train the embedded default model (preset "embedded") from scratch on the procedural shapes dataset:
@@ -136,6 +138,11 @@ def run_train(args: argparse.Namespace) -> int:
     logging.getLogger("openldm").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(message)s")
+    if args.stage == "controlnet":
+        from openldm.train.controlnet import run_controlnet_command
+
+        print(json.dumps(run_controlnet_command(args), indent=2))
+        return 0
     if args.stage in ("inpaint", "depth"):
         from openldm.train.variants import run_variant_command
 
