@@ -532,11 +532,12 @@ class Pair:
     folder: Path
 
 
-def diffusers_pair(root: Path, variant: str, size: int) -> Pair:
+def _folder_and_parts(root: Path, variant: str, size: int) -> tuple[Path, Any, Any]:
+    """A diffusers folder of seeded random weights for ``variant``, with diffusers' tokenizer and UNet
+    loaded from it (the folder's UNet config has no sample_size, which diffusers' pipelines insist on)."""
     import diffusers
     import transformers
 
-    import openldm
     from tests.tiny import TINY
 
     spec = TINY[variant]
@@ -544,23 +545,32 @@ def diffusers_pair(root: Path, variant: str, size: int) -> Pair:
     # Seeded random weights everywhere (the zero-initialised output convs included).
     oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
     write_diffusers_folder(folder, variant, spec, oracles, text_5x=False)
-    model = openldm.load(folder)
     tokenizer = transformers.CLIPTokenizer(
         str(folder / "tokenizer" / "vocab.json"),
         str(folder / "tokenizer" / "merges.txt"),
         pad_token=pad_token(spec),
         model_max_length=77,
     )
-    # The folder's UNet config has no sample_size, which diffusers' img2img pipeline insists on.
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", sample_size=size // 8)
-    common_args = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return folder, tokenizer, unet
+
+
+NO_SAFETY = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def diffusers_pair(root: Path, variant: str, size: int) -> Pair:
+    import diffusers
+
+    import openldm
+
+    folder, tokenizer, unet = _folder_and_parts(root, variant, size)
     txt = diffusers.StableDiffusionPipeline.from_pretrained(
-        folder, unet=unet, tokenizer=tokenizer, **common_args
+        folder, unet=unet, tokenizer=tokenizer, **NO_SAFETY
     )
     img = diffusers.StableDiffusionImg2ImgPipeline(**txt.components)
     for pipe in (txt, img):
         pipe.set_progress_bar_config(disable=True)
-    return Pair(model, txt, img, folder)
+    return Pair(openldm.load(folder), txt, img, folder)
 
 
 @dataclass
@@ -574,29 +584,12 @@ class InpaintPair:
 
 def inpaint_pair(root: Path, variant: str, size: int) -> InpaintPair:
     import diffusers
-    import transformers
 
     import openldm
-    from tests.tiny import TINY
 
-    spec = TINY[variant]
-    folder = root / variant
-    oracles = Oracles(unet_oracle(spec.unet), vae_oracle(spec.vae), text_oracle(spec.text))
-    write_diffusers_folder(folder, variant, spec, oracles, text_5x=False)
-    tokenizer = transformers.CLIPTokenizer(
-        str(folder / "tokenizer" / "vocab.json"),
-        str(folder / "tokenizer" / "merges.txt"),
-        pad_token=pad_token(spec),
-        model_max_length=77,
-    )
-    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", sample_size=size // 8)
+    folder, tokenizer, unet = _folder_and_parts(root, variant, size)
     pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
-        folder,
-        unet=unet,
-        tokenizer=tokenizer,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        folder, unet=unet, tokenizer=tokenizer, **NO_SAFETY
     )
     pipe.set_progress_bar_config(disable=True)
     return InpaintPair(openldm.load(folder), pipe, folder)

@@ -249,17 +249,20 @@ def _check(model: Model, task: Task, options: GenerationOptions) -> tuple[int, i
             raise ValueError(f"the hires fix belongs to txt2img, not {task.name}")
         big_height, big_width = hires_size(height, width, options.hires, factor)
         check_size(big_width, big_height, factor)
-        check_request_memory(
-            model,
-            images=options.images_per_repeat,
-            repeats=options.n_iter,
-            width=big_width,
-            height=big_height,
-            guidance_scale=options.guidance_scale,
-            precision=options.precision,
-            output_type=options.output_type,
-            encode=options.hires.upscaler == "lanczos",
-        )
+        _check_memory(model, options, big_width, big_height, options.hires.upscaler == "lanczos", None)
+    _check_memory(model, options, width, height, task.encodes, tile)
+    return height, width
+
+
+def _check_memory(
+    model: Model,
+    options: GenerationOptions,
+    width: int,
+    height: int,
+    encode: bool,
+    tile: tuple[int, int] | None,
+) -> None:
+    factor = model.spec.vae.downsampling_factor
     check_request_memory(
         model,
         images=options.images_per_repeat,
@@ -269,11 +272,10 @@ def _check(model: Model, task: Task, options: GenerationOptions) -> tuple[int, i
         guidance_scale=options.guidance_scale,
         precision=options.precision,
         output_type=options.output_type,
-        encode=task.encodes,
+        encode=encode,
         latent=tile,
         piece=(tile[0] * factor, tile[1] * factor) if tile is not None else None,
     )
-    return height, width
 
 
 def _fixed_noise(run: Run) -> torch.Tensor | None:

@@ -51,6 +51,8 @@ examples:
   # about 13 minutes each, side by side on 2 cores)
   openldm train --out runs/embedded-inpaint --stage inpaint --threads 1
   openldm train --out runs/embedded-depth --stage depth --threads 1
+  # the embedded model's ControlNet (shapes placed by their outlines; about 20 minutes)
+  openldm train --out runs/controlnet --stage controlnet
   # ... and replace the packaged one (only an --export that names it writes into the package)
   openldm train --out runs/embedded-depth --stage depth --export openldm/data/embedded-depth.safetensors
 """

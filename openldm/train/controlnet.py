@@ -46,7 +46,7 @@ class ControlRecipe:
     batch_size: int = 8
     seed: int = 11
     loop: LoopConfig = LoopConfig(
-        steps=3000, lr=1e-4, warmup_steps=50, ema_decay=0.995, checkpoint_every=250, log_every=25, minutes=20
+        steps=6000, lr=1e-3, warmup_steps=100, ema_decay=0.995, checkpoint_every=250, log_every=25, minutes=30
     )
 
 
