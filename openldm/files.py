@@ -4,6 +4,8 @@ nothing written into the installed package unless asked for by name."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import secrets
 import tempfile
@@ -89,3 +91,15 @@ def write_atomically(data: bytes, path: str | os.PathLike[str]) -> Path:
     with replaced_when_done(path) as temporary:
         temporary.write_bytes(data)
     return Path(path)
+
+
+def file_hash(path: str | os.PathLike[str], skip_header: bool = False) -> str:
+    """SHA-256 of a file (hex), read in 1 MB blocks; ``skip_header``: of a safetensors file's tensor
+    bytes only (after its header), as the web UI hashes LoRAs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if skip_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -45,7 +45,7 @@ def test_a_new_controlnet_changes_nothing_and_trains(model, tmp_path) -> None:
     recipe = ControlRecipe(
         images=16, batch_size=4, loop=LoopConfig(steps=3, lr=1e-4, warmup_steps=1, ema_decay=0.9)
     )
-    report = train_controlnet(tmp_path, recipe, resume=False, progress=False)
+    report = train_controlnet(model, tmp_path, recipe, resume=False, progress=False)
     assert report["steps"] == 3 and np.isfinite(report["loss"])
 
 

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from openldm.adapters.lora_files import family_of, file_hash
+from openldm.adapters.lora_files import family_of
 from openldm.checkpoints.errors import AdapterError, CheckpointError, excerpt
 from openldm.checkpoints.read import read_safetensors, read_torch_zip, sniff
+from openldm.files import file_hash
 from openldm.nn.clip import CLIPTextEncoder
 from openldm.tokenizer import CLIPTokenizer
 

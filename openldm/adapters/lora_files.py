@@ -11,7 +11,6 @@ parts must form one known kind, and every change must fit its layer: otherwise a
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from openldm.adapters.deltas import Kind, LayerChange, weight_change
 from openldm.adapters.names import Layer, Network, normalise
 from openldm.checkpoints.errors import AdapterError, CheckpointError, excerpt
 from openldm.checkpoints.read import read_safetensors_metadata, read_state_dict, sniff
+from openldm.files import file_hash
 
 # Part of a key after its layer name -> the part's name here.
 PARTS: dict[str, str] = {
@@ -83,16 +83,6 @@ class LoraFile:
 
     def networks(self) -> set[Network]:
         return {layer.network for layer in self.changes}
-
-
-def file_hash(path: Path, skip_header: bool) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if skip_header:
-            f.seek(8 + int.from_bytes(f.read(8), "little"))
-        for block in iter(functools.partial(f.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _split(key: str) -> tuple[str, str] | None:

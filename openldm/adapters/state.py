@@ -11,11 +11,12 @@ from typing import Protocol
 from torch import nn
 
 from openldm.adapters.embeddings import Embedding, install, read_embedding
-from openldm.adapters.lora_files import LoraFile, file_hash, find_lora, read_lora
+from openldm.adapters.lora_files import LoraFile, find_lora, read_lora
 from openldm.adapters.names import Network, layer_table
 from openldm.adapters.patcher import LoraUse, Patches, Source
 from openldm.checkpoints.vae_file import read_vae
 from openldm.config import ModelSpec
+from openldm.files import file_hash
 from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.unet import UNetModel
 from openldm.nn.vae import AutoencoderKL

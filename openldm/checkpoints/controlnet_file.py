@@ -11,8 +11,6 @@ cannot show), its own input width, and the model's dtype and device.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import os
 from pathlib import Path
 
@@ -22,24 +20,15 @@ from openldm.checkpoints.build import build_network
 from openldm.checkpoints.errors import AdapterError, CheckpointError
 from openldm.checkpoints.formats.controlnet import controlnet_from_diffusers
 from openldm.checkpoints.formats.unet import UnsupportedUNetError, infer_unet_config
-from openldm.checkpoints.read import file_inside, read_state_dict
+from openldm.checkpoints.read import read_state_dict, weights_file
 from openldm.config import UNetConfig
+from openldm.files import file_hash
 from openldm.nn.controlnet import ControlNetModel
 
 StateDict = dict[str, torch.Tensor]
 PREFIX = "control_model."
-_DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _ADVICE = "Use a ControlNet made for this model's version (SD 1.x or SD 2.x)"
 _SIZES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "context_dim")
-
-
-def _weights_file(path: Path) -> Path:
-    if not path.is_dir():
-        return path
-    for name in _DIFFUSERS_FILES:
-        if (path / name).is_file():
-            return file_inside(path, name, "ControlNet weights")
-    raise AdapterError(path, "a folder without diffusion_pytorch_model.safetensors or .bin", _ADVICE)
 
 
 def _family(config: UNetConfig) -> str:
@@ -83,7 +72,7 @@ def _our_layout(path: Path, sd: StateDict, unet: UNetConfig) -> tuple[StateDict,
 def read_controlnet(path: str | os.PathLike[str], unet: torch.nn.Module) -> ControlNetModel:
     """The ControlNet in ``path``, fitted to ``unet`` (a loaded model's), on its dtype and device."""
     path = Path(path)
-    file = _weights_file(path)
+    file = weights_file(path, "ControlNet weights", _ADVICE)
     parameter = next(unet.parameters())
     try:
         sd, config = _our_layout(path, read_state_dict(file), unet.config)
@@ -95,13 +84,5 @@ def read_controlnet(path: str | os.PathLike[str], unet: torch.nn.Module) -> Cont
     except CheckpointError as e:
         raise AdapterError(path, e.problem, e.advice) from None
     network.name = path.name if path.is_dir() else path.stem
-    network.short_hash = _sha256(file)[:8]
+    network.short_hash = file_hash(file)[:8]
     return network
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -39,7 +39,13 @@ from typing import Any, BinaryIO
 
 import torch
 
-from openldm.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, excerpt
+from openldm.checkpoints.errors import (
+    AdapterError,
+    CheckpointError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    excerpt,
+)
 from openldm.checkpoints.pickle_machine import Globals, PickleMachine, PickleRejected, describe
 
 StateDict = dict[str, torch.Tensor]
@@ -85,6 +91,20 @@ def regular_file(path: Path) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise CorruptCheckpointError(path, "is not a regular file (a pipe or a device?)", "Pass a file")
     return info.st_size
+
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def weights_file(path: Path, what: str, advice: str) -> Path:
+    """``path`` itself, or for a diffusers component folder its weights file; a folder without one is
+    an :class:`AdapterError` (``what``: "VAE weights"...)."""
+    if not path.is_dir():
+        return path
+    for name in DIFFUSERS_WEIGHTS:
+        if (path / name).is_file():
+            return file_inside(path, name, what)
+    raise AdapterError(path, "a folder without diffusion_pytorch_model.safetensors or .bin", advice)
 
 
 def file_inside(folder: Path, name: Any, what: str) -> Path:

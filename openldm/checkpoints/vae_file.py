@@ -18,23 +18,11 @@ from openldm.checkpoints.build import build_network
 from openldm.checkpoints.detect import VAE_PREFIX
 from openldm.checkpoints.errors import AdapterError, CheckpointError
 from openldm.checkpoints.formats.vae import vae_from_diffusers
-from openldm.checkpoints.read import file_inside, read_state_dict
+from openldm.checkpoints.read import read_state_dict, weights_file
 from openldm.nn.vae import AutoencoderKL
 
 StateDict = dict[str, torch.Tensor]
 _TRAINING_ONLY = ("loss.", "model_ema.")
-_DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-def _weights_file(path: Path) -> Path:
-    if not path.is_dir():
-        return path
-    for name in _DIFFUSERS_FILES:
-        if (path / name).is_file():
-            return file_inside(path, name, "VAE weights")
-    raise AdapterError(
-        path, "a folder without diffusion_pytorch_model.safetensors or .bin", "Pass a VAE file"
-    )
 
 
 def _our_layout(path: Path, sd: StateDict, vae: AutoencoderKL) -> StateDict:
@@ -57,7 +45,7 @@ _ADVICE = "Use a VAE made for this model's family (SD 1.x and 2.x share one)"
 def read_vae(path: str | os.PathLike[str], like: AutoencoderKL) -> AutoencoderKL:
     """A VAE with the weights in ``path``, the configuration, dtype and device of ``like``."""
     path = Path(path)
-    file = _weights_file(path)
+    file = weights_file(path, "VAE weights", "Pass a VAE file")
     parameter = next(like.parameters())
     try:
         sd = _our_layout(path, read_state_dict(file), like)

@@ -315,7 +315,7 @@ def run_generation(
     model = load_model(args)
     check_model(args, model)
     if controls:
-        options = options.replace(controls=with_networks(controls, model, args.controlnet))
+        options = options.replace(controls=with_networks(controls, model))
     if args.scale is None and scale(model.spec.variant) != options.guidance_scale:
         options = options.replace(guidance_scale=scale(model.spec.variant))
     save_outputs(args, run_batches(args, model, task, options, batches))

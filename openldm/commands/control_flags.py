@@ -62,7 +62,7 @@ def _nth(values: list[Any], index: int, default: Any) -> Any:
     return values[0] if len(values) == 1 else values[index]
 
 
-def control_requests(args: argparse.Namespace) -> list[Control]:
+def control_requests(args: argparse.Namespace) -> list[tuple[str, Control]]:
     """The ControlNets asked for, their images made, without networks yet (checked now: a bad flag is a
     ``ValueError`` naming it). The embedded model has a ControlNet of its own: with no --ckpt, a
     --control-image without --controlnet uses it."""
@@ -72,13 +72,14 @@ def control_requests(args: argparse.Namespace) -> list[Control]:
     from openldm.control_images import preprocess
     from openldm.pipelines.options import Control, OptionError
 
-    if args.control_image and not args.controlnet:
+    paths = list(args.controlnet)
+    if args.control_image and not paths:
         if args.ckpt is not None:
             raise ValueError(
                 "--control-image needs a --controlnet made for this model (only the embedded one is built in)"
             )
-        args.controlnet = [str(embedded_controlnet_file())] * len(args.control_image)
-    count = len(args.controlnet)
+        paths = [str(embedded_controlnet_file())] * len(args.control_image)
+    count = len(paths)
     if len(args.control_image) != count:
         raise ValueError(
             f"{count} --controlnet but {len(args.control_image)} --control-image: give one image each"
@@ -91,7 +92,7 @@ def control_requests(args: argparse.Namespace) -> list[Control]:
                 f"{len(values)} {flag} for {count} --controlnet: give one, or one per ControlNet"
             )
     requests = []
-    for index, (path, image_path) in enumerate(zip(args.controlnet, args.control_image, strict=True)):
+    for index, (path, image_path) in enumerate(zip(paths, args.control_image, strict=True)):
         if not Path(path).exists():
             raise ValueError(f"--controlnet {path!r}: no such file or folder")
         try:
@@ -102,14 +103,17 @@ def control_requests(args: argparse.Namespace) -> list[Control]:
         module = _nth(args.control_preprocess, index, "none")
         try:
             requests.append(
-                Control(
-                    None,
-                    preprocess(picture, module),
-                    _nth(args.control_weight, index, 1.0),
-                    _nth(args.control_start, index, 0.0),
-                    _nth(args.control_end, index, 1.0),
-                    args.guess_mode,
-                    module,
+                (
+                    path,
+                    Control(
+                        None,
+                        preprocess(picture, module),
+                        _nth(args.control_weight, index, 1.0),
+                        _nth(args.control_start, index, 0.0),
+                        _nth(args.control_end, index, 1.0),
+                        args.guess_mode,
+                        module,
+                    ),
                 )
             )
         except OptionError as e:
@@ -117,8 +121,8 @@ def control_requests(args: argparse.Namespace) -> list[Control]:
     return requests
 
 
-def with_networks(requests: list[Control], model: StableDiffusion, paths: list[str]) -> tuple[Control, ...]:
+def with_networks(requests: list[tuple[str, Control]], model: StableDiffusion) -> tuple[Control, ...]:
+    """The requests with their ControlNets read and fitted to ``model``."""
     return tuple(
-        dataclasses.replace(request, network=model.load_controlnet(path))
-        for request, path in zip(requests, paths, strict=True)
+        dataclasses.replace(request, network=model.load_controlnet(path)) for path, request in requests
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,10 +115,10 @@ class _Controlled(nn.Module):
         return self.unet(x, t, context=context, control=self.controlnet(x, t, self.hint, context))
 
 
-def train_controlnet(out: Path, recipe: ControlRecipe, resume: bool, progress: bool) -> dict[str, object]:
-    import openldm
-
-    model = openldm.load()
+def train_controlnet(
+    model, out: Path, recipe: ControlRecipe, resume: bool, progress: bool
+) -> dict[str, object]:
+    """Train a ControlNet for ``model`` (frozen) in ``out``; the run's times and last loss."""
     start = time.perf_counter()
     cache = build_cache(model, recipe)
     encode_seconds = time.perf_counter() - start
@@ -165,14 +165,11 @@ def train_controlnet(out: Path, recipe: ControlRecipe, resume: bool, progress: b
     }
 
 
-def export_controlnet(out: Path, path: Path) -> int:
+def export_controlnet(unet_config, out: Path, path: Path) -> int:
     """The EMA weights of the run in ``out`` as an original-layout fp16 file; returns its size."""
     from safetensors.torch import save_file
 
-    import openldm
-
-    model = openldm.load()
-    net = ControlNetModel(model.unet.config)
+    net = ControlNetModel(unet_config)
     load_ema_weights(out, net)
     sd = {
         f"control_model.{k}": v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()
@@ -183,26 +180,21 @@ def export_controlnet(out: Path, path: Path) -> int:
 
 
 def run_controlnet_command(args) -> dict[str, object]:
+    import openldm
+
     recipe = ControlRecipe()
     if args.steps is not None:
-        from dataclasses import replace
-
-        recipe = replace(
-            recipe, loop=replace(recipe.loop, steps=args.steps, warmup_steps=min(50, args.steps // 10))
-        )
+        warmup = min(recipe.loop.warmup_steps, args.steps // 10)
+        recipe = replace(recipe, loop=replace(recipe.loop, steps=args.steps, warmup_steps=warmup))
     if args.minutes is not None:
-        from dataclasses import replace
-
         recipe = replace(recipe, loop=replace(recipe.loop, minutes=args.minutes))
     out = Path(args.out)
-    report = train_controlnet(out, recipe, args.resume, not args.no_progress)
+    model = openldm.load()
+    report = train_controlnet(model, out, recipe, args.resume, not args.no_progress)
     export = None if args.export == "none" else Path(args.export or out / "embedded-controlnet.safetensors")
     if export is not None:
-        import openldm
-
-        report["export_bytes"] = export_controlnet(out, export)
+        report["export_bytes"] = export_controlnet(model.unet.config, out, export)
         report["export"] = str(export)
-        model = openldm.load()
         report["evaluation"] = evaluate_controlnet(model, model.load_controlnet(export))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
