@@ -27,6 +27,7 @@ from openldm.checkpoints.load import describe as _describe
 from openldm.checkpoints.load import load as load_networks
 from openldm.embedded import load_embedded_networks
 from openldm.nn.controlnet import ControlNetModel
+from openldm.nn.t2i_adapter import T2IAdapter
 from openldm.pipelines.depth2img import depth2img
 from openldm.pipelines.img2img import img2img
 from openldm.pipelines.inpaint import inpaint
@@ -85,9 +86,9 @@ class StableDiffusion(Networks):
         """Decode and encode with another VAE (an original or diffusers file or folder); None: its own."""
         adapters.load_vae(self, path)
 
-    def load_controlnet(self, path: str | os.PathLike[str]) -> ControlNetModel:
-        """A ControlNet (original single file, diffusers file or folder) fitted to this model, to pass
-        in ``controls=[Control(network, image, ...)]``."""
+    def load_controlnet(self, path: str | os.PathLike[str]) -> ControlNetModel | T2IAdapter:
+        """A ControlNet or a T2I-Adapter (original single file, diffusers file or folder) fitted to this
+        model, to pass in ``controls=[Control(network, image, ...)]``."""
         return read_controlnet(path, self.unet)
 
     @classmethod

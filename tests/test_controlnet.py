@@ -311,4 +311,4 @@ def test_command_line_with_two_controlnets_writes_their_parameters(tmp_path, cap
     Image.new("RGB", (96, 64)).save(tmp_path / "wide.png")
     argv = [*base, "--controlnet", str(paths[0]), "--control-image", str(tmp_path / "wide.png")]
     assert main([*argv, "--outdir", str(tmp_path / "wide")]) == 2
-    assert "another aspect than the 64x64 output" in capsys.readouterr().err
+    assert "another aspect than the square output" in capsys.readouterr().err

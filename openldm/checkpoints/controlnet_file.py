@@ -5,7 +5,8 @@ also without the prefix), a diffusers ``ControlNetModel`` file, or a diffusers f
 Its size and SD version are read from its shapes (the UNet's encoder, as ``detect.py`` reads a UNet)
 and checked against the model's UNet before anything is built: a ControlNet of SD 2 on an SD 1 model
 is an error naming both. It is built with the model's UNet configuration (the head layout the weights
-cannot show), its own input width, and the model's dtype and device.
+cannot show), its own input width, and the model's dtype and device. A T2I-Adapter file given in its
+place is read by :mod:`~openldm.checkpoints.t2i_adapter_file`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from openldm.checkpoints.errors import AdapterError, CheckpointError
 from openldm.checkpoints.formats.controlnet import controlnet_from_diffusers
 from openldm.checkpoints.formats.unet import UnsupportedUNetError, infer_unet_config
 from openldm.checkpoints.read import read_state_dict, weights_file
+from openldm.checkpoints.t2i_adapter_file import build_t2i_adapter, is_t2i_adapter
 from openldm.config import UNetConfig
 from openldm.files import file_hash
 from openldm.nn.controlnet import ControlNetModel
+from openldm.nn.t2i_adapter import T2IAdapter
 
 StateDict = dict[str, torch.Tensor]
 PREFIX = "control_model."
@@ -69,16 +72,21 @@ def _our_layout(path: Path, sd: StateDict, unet: UNetConfig) -> tuple[StateDict,
     return sd, dataclasses.replace(unet, in_channels=found.in_channels)
 
 
-def read_controlnet(path: str | os.PathLike[str], unet: torch.nn.Module) -> ControlNetModel:
-    """The ControlNet in ``path``, fitted to ``unet`` (a loaded model's), on its dtype and device."""
+def read_controlnet(path: str | os.PathLike[str], unet: torch.nn.Module) -> ControlNetModel | T2IAdapter:
+    """The ControlNet or T2I-Adapter in ``path``, fitted to ``unet`` (a loaded model's), on its dtype
+    and device."""
     path = Path(path)
     file = weights_file(path, "ControlNet weights", _ADVICE)
     parameter = next(unet.parameters())
     try:
-        sd, config = _our_layout(path, read_state_dict(file), unet.config)
-        network = build_network(
-            ControlNetModel, config, sd, "ControlNet", os.fspath(path), parameter.dtype, parameter.device
-        )
+        sd = read_state_dict(file)
+        if is_t2i_adapter(sd):
+            network: ControlNetModel | T2IAdapter = build_t2i_adapter(path, sd, unet)
+        else:
+            sd, config = _our_layout(path, sd, unet.config)
+            network = build_network(
+                ControlNetModel, config, sd, "ControlNet", os.fspath(path), parameter.dtype, parameter.device
+            )
     except AdapterError:
         raise
     except CheckpointError as e:

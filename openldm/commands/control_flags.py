@@ -25,8 +25,9 @@ def add_control_flags(flags: Any) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="a ControlNet (ControlNet 1.0/1.1 .pth or .safetensors, a diffusers file or folder); repeat for "
-        "several, each with its --control-image",
+        help="a ControlNet (ControlNet 1.0/1.1 .pth or .safetensors, a diffusers file or folder) or a "
+        "T2I-Adapter (the SD 1.x t2iadapter_*.pth, a diffusers T2IAdapter folder); repeat for several, each "
+        "with its --control-image",
     )
     flags.add("--control-image", action="append", default=[], metavar="IMG", help="its control image")
     flags.add(
@@ -62,6 +63,14 @@ def _nth(values: list[Any], index: int, default: Any) -> Any:
     return values[0] if len(values) == 1 else values[index]
 
 
+def _txt2img_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """txt2img's output (width, height) as far as the flags tell it before the model is read (every
+    model's default size is square); None where the size comes from an input image."""
+    if args.command != "txt2img" or (args.W is None) != (args.H is None):
+        return None
+    return (args.W, args.H) if args.W is not None else (1, 1)
+
+
 def control_requests(args: argparse.Namespace) -> list[tuple[str, Control]]:
     """The ControlNets asked for, their images made, without networks yet (checked now: a bad flag is a
     ``ValueError`` naming it). The embedded model has a ControlNet of its own: with no --ckpt, a
@@ -70,6 +79,7 @@ def control_requests(args: argparse.Namespace) -> list[tuple[str, Control]]:
 
     from openldm.checkpoints.packaged import embedded_controlnet_file
     from openldm.control_images import preprocess
+    from openldm.pipelines.control import check_control_aspect
     from openldm.pipelines.options import Control, OptionError
 
     paths = list(args.controlnet)
@@ -100,6 +110,8 @@ def control_requests(args: argparse.Namespace) -> list[tuple[str, Control]]:
                 picture = opened.convert("RGB")
         except (OSError, UnidentifiedImageError) as e:
             raise ValueError(f"--control-image {image_path!r} cannot be read ({e})") from None
+        if (size := _txt2img_size(args)) is not None:
+            check_control_aspect(picture.size, size, index)
         module = _nth(args.control_preprocess, index, "none")
         try:
             requests.append(

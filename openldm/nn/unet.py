@@ -172,6 +172,7 @@ class UNetModel(nn.Module):
             [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
         )
         skip_channels = [mc]
+        level_ends = []
         ch = mc
         for level, mult in enumerate(config.channel_mult):
             attention = 2**level in config.attention_resolutions
@@ -182,6 +183,7 @@ class UNetModel(nn.Module):
                     layers.append(transformer(ch, disable_sa[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
+            level_ends.append(len(self.input_blocks) - 1)
             if level != n_levels - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
@@ -191,6 +193,8 @@ class UNetModel(nn.Module):
         )
 
         self.skip_channels = tuple(skip_channels)
+        # The input block ending each level (before its downsample): where a T2I-Adapter's features add.
+        self.level_ends = tuple(level_ends)
         self.output_blocks = nn.ModuleList()
         if not decoder:
             return
@@ -220,6 +224,7 @@ class UNetModel(nn.Module):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         control: Sequence[torch.Tensor] | None = None,
+        features: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict noise (or v) for latents ``x`` (B, C, H, W) at ``timesteps`` (B,).
 
@@ -227,6 +232,8 @@ class UNetModel(nn.Module):
         (B,) for an integer class embedding (the x4 upscaler's noise level), a (B, adm_in_channels)
         vector for ``num_classes="sequential"`` (unCLIP's image embedding). ``control``: residuals
         added to each skip connection and, last, to the middle block's output (a ControlNet's).
+        ``features``: one map per level, added to the output of the level's last input block, which the
+        next blocks and the skip connection then see (a T2I-Adapter's).
         """
         if context is None:
             raise ValueError("the UNet needs a context tensor (B, N, context_dim) for its cross-attention")
@@ -250,9 +257,16 @@ class UNetModel(nn.Module):
         h = x.to(dtype)
         context = context.to(dtype)
         run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _call
+        if features is not None and len(features) != len(self.level_ends):
+            raise ValueError(
+                f"features has {len(features)} maps; this UNet has {len(self.level_ends)} levels"
+            )
+        added = dict(zip(self.level_ends, features or (), strict=False))
         skips = []
-        for block in self.input_blocks:
+        for index, block in enumerate(self.input_blocks):
             h = run(block, h, emb, context)
+            if index in added:
+                h = h + added[index].to(h.dtype)
             skips.append(h)
         h = run(self.middle_block, h, emb, context)
         if control is not None:
