@@ -9,8 +9,9 @@ preprocessors that are plain image processing.
 - ``invert``: 255 minus the image (a black-on-white line drawing for a lineart/scribble ControlNet);
 - ``none``: the image as given (an edge map, a depth map, a pose drawing made elsewhere).
 
-The preprocessors that are networks (``depth`` needs MiDaS, ``openpose``, ``hed``, ``mlsd``,
-``lineart``, ``normal``, ``seg``...) are named in :data:`NEEDS_A_MODEL` with what they would need.
+``depth`` runs a MiDaS estimator the user gives (see :func:`openldm.pipelines.control.depth_control_image`);
+the other preprocessors that are networks (``openpose``, ``hed``, ``mlsd``, ``lineart``, ``normal``,
+``seg``...) are named in :data:`NEEDS_A_MODEL` with what they would need.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from PIL import Image, ImageFilter
 Preprocessor = Literal["none", "canny", "scribble", "threshold", "invert"]
 PREPROCESSORS: tuple[Preprocessor, ...] = ("none", "canny", "scribble", "threshold", "invert")
 NEEDS_A_MODEL = {
-    "depth": "a MiDaS depth model (openldm has one inside depth2img checkpoints: use openldm depth2img, or "
-    "give a depth map with --control-preprocess none)",
     "openpose": "the OpenPose body model (body_pose_model.pth)",
     "hed": "the HED edge model (ControlNetHED.pth)",
     "mlsd": "the M-LSD line model (mlsd_large_512_fp32.pth)",

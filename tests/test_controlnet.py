@@ -126,7 +126,7 @@ def test_images_match_diffusers_controlnet_pipeline(pair, tmp_path) -> None:
             },
         ),
         "guess mode": (
-            [Control(ours_nets[0], images[0], 1.0, guess_mode=True)],
+            [Control(ours_nets[0], images[0], 1.0, mode="control")],
             {"guess_mode": True},
         ),
     }
@@ -312,3 +312,32 @@ def test_command_line_with_two_controlnets_writes_their_parameters(tmp_path, cap
     argv = [*base, "--controlnet", str(paths[0]), "--control-image", str(tmp_path / "wide.png")]
     assert main([*argv, "--outdir", str(tmp_path / "wide")]) == 2
     assert "another aspect than the square output" in capsys.readouterr().err
+
+
+def test_the_prompt_mode_ramps_the_residuals_on_both_halves() -> None:
+    """ "My prompt is more important": residual i of n times weight * 10 ** (i / (n - 1) - 1), every row."""
+    from openldm.nn.unet import UNetModel
+    from openldm.pipelines.control import ControlledUNet, PreparedControl
+    from openldm.sampling.schedule import NoiseSchedule
+
+    config = TINY["sd1"].unet
+    torch.manual_seed(0)
+    unet, net = UNetModel(config).eval(), ControlNetModel(config).eval()
+    for p in [*unet.out.parameters(), *net.zero_convs.parameters(), *net.middle_block_out.parameters()]:
+        torch.nn.init.normal_(p, std=0.5)
+    g = torch.Generator().manual_seed(1)
+    x, hint = torch.randn(2, 4, 8, 8, generator=g), torch.rand(1, 3, 64, 64, generator=g)
+    context = torch.randn(2, 77, config.context_dim, generator=g)
+    schedule = NoiseSchedule(TINY["sd1"].schedule)
+    sigmas = torch.tensor([14.6, 1.0, 0.0])
+    controlled = ControlledUNet(unet, [PreparedControl(net, hint, 0.6, 0.0, 1.0, "prompt")], schedule, sigmas)
+    t = schedule.sigma_to_t(sigmas[:1]).expand(2)
+    with torch.no_grad():
+        residuals = net(x, t, hint.expand(2, -1, -1, -1), context)
+        n = len(residuals)
+        ramped = [r * 0.6 * 10 ** (i / (n - 1) - 1) for i, r in enumerate(residuals)]
+        expected = unet(x, t, context, control=ramped)
+        actual = controlled(x, t, context, control_scale=torch.tensor([1.0, 0.0]))
+        plain = unet(x, t, context)
+    assert float((actual - expected).abs().max() / expected.abs().max()) <= 1e-5
+    assert float((actual - plain).abs().max() / plain.abs().max()) > 0.05

@@ -26,10 +26,10 @@ from openldm.pipelines.depth2img import (
     MissingDepthEstimatorError,
     depth2img,
     estimate_depth,
-    midas_input_size,
     normalize_depth,
     read_depth_map,
 )
+from openldm.pipelines.depth_estimate import midas_input_size
 from openldm.sampling.samplers import SAMPLERS
 from tests.helpers import assert_close_rel
 from tests.oracles import (
@@ -420,3 +420,38 @@ def test_command_bad_input(monkeypatch, folder, single_files, init_image, tmp_pa
         assert status == 2, (args, err)
         assert message in err, (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_depth_preprocessor_reads_every_midas_layout(tmp_path, init_image, capsys) -> None:
+    """``--control-preprocess depth``: the same control image from the released MiDaS file, a depth
+    checkpoint and transformers' folder, equal to transformers' DPT depth stretched to 0..255."""
+    from openldm.checkpoints.extras import read_depth_estimator
+    from openldm.pipelines.depth_estimate import depth_control_image
+
+    hf = randomize_(transformers.DPTForDepthEstimation(dpt_hybrid_config(TINY_MIDAS, 384)), 3).eval()
+    reference = midas_from_transformers(hf.state_dict())
+    paths = [tmp_path / "dpt_hybrid-midas.pt", tmp_path / "depth-ema.safetensors", tmp_path / "dpt"]
+    torch.save({k.removeprefix("model."): v for k, v in reference.items()}, paths[0])
+    write_single_file(paths[1], {f"depth_model.{k}": v.contiguous() for k, v in reference.items()})
+    hf.save_pretrained(paths[2])
+    images = [np.asarray(depth_control_image(read_depth_estimator(p), init_image)) for p in paths]
+    assert all(np.array_equal(images[0], image) for image in images[1:])
+
+    pixels = torch.from_numpy(np.asarray(init_image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    pixels = F.interpolate(pixels, size=(384, 384), mode="bicubic", align_corners=False).clamp(-1, 1)
+    with torch.no_grad():
+        depth = hf(pixel_values=pixels).predicted_depth[None]
+    depth = F.interpolate(depth, size=(SIZE, SIZE), mode="bicubic")[0, 0]
+    expected = ((depth - depth.min()) / (depth.max() - depth.min()) * 255).numpy()
+    assert images[0].std() > 20
+    assert np.abs(images[0][..., 0] - expected).max() <= 1.0  # one grey level
+
+    init_image.save(tmp_path / "room.png")
+    argv = ["txt2img", "--prompt", "a red circle", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1"]
+    argv += ["--skip_grid", "--control-image", str(tmp_path / "room.png"), "--control-preprocess", "depth"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--outdir", str(tmp_path / "none")]) == 2
+    assert "--control-preprocess depth needs --depth-model PATH" in capsys.readouterr().err
+    assert cli.main([*argv, "--depth-model", str(paths[0]), "--outdir", str(tmp_path / "out")]) == 0
+    written = next((tmp_path / "out" / "samples").iterdir())
+    assert read_parameters(written)["ControlNet 0"].startswith("Module: depth, Model: embedded-controlnet [")

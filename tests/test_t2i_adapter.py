@@ -147,8 +147,8 @@ def test_the_errors_name_the_problem(pair, tmp_path) -> None:
     with pytest.raises(AdapterError, match=r"light \(color\) T2I-Adapter"):
         pair.model.load_controlnet(tmp_path / "color.safetensors")
     adapter = pair.model.load_controlnet(write_original(diffusers_adapter(1), tmp_path / "a.safetensors"))
-    with pytest.raises(ValueError, match="T2I-Adapter: guess mode is for ControlNets only"):
-        _ours(pair.model, [Control(adapter, control_image(3), guess_mode=True)])
+    with pytest.raises(ValueError, match="T2I-Adapter: control mode 'control' is for ControlNets only"):
+        _ours(pair.model, [Control(adapter, control_image(3), mode="control")])
 
 
 def test_command_line_runs_an_adapter_and_checks_the_aspect_before_loading(

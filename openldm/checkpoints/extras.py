@@ -26,7 +26,7 @@ from openldm.checkpoints.detect import (
     image_encoder_activation,
     read_json,
 )
-from openldm.checkpoints.errors import CheckpointError, UnknownArchitectureError
+from openldm.checkpoints.errors import AdapterError, CheckpointError, UnknownArchitectureError
 from openldm.checkpoints.formats.clip_vision import (
     embedder_activation,
     infer_vision_config,
@@ -35,6 +35,7 @@ from openldm.checkpoints.formats.clip_vision import (
     vision_from_transformers,
 )
 from openldm.checkpoints.formats.midas import midas_from_transformers
+from openldm.checkpoints.read import file_inside, read_state_dict
 from openldm.config import UNetConfig
 from openldm.nn.clip_vision import CLIPVisionEncoder, VisionConfig
 from openldm.nn.midas import MiDaSDepthEstimator, infer_midas_config
@@ -94,6 +95,38 @@ def midas_estimator(
     return build_network(
         MiDaSDepthEstimator, config, dict(sd), "depth estimator", source, torch.float32, device
     )
+
+
+_MIDAS_ADVICE = (
+    "Pass dpt_hybrid-midas-501f0c75.pt, the 512-depth-ema checkpoint, or a diffusers depth model's folder"
+)
+
+
+def read_depth_estimator(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> MiDaSDepthEstimator:
+    """A MiDaS DPT-hybrid estimator from its own file: the released ``dpt_hybrid-midas-*.pt``
+    (``pretrained.*``, ``scratch.*``), a depth checkpoint (its ``depth_model.*``), transformers'
+    ``DPTForDepthEstimation`` file, or a diffusers depth model's folder (its ``depth_estimator``)."""
+    path = Path(path)
+    file = path
+    if path.is_dir():
+        folder = path / "depth_estimator" if (path / "depth_estimator").is_dir() else path
+        names = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
+        if not names:
+            raise AdapterError(path, "a folder without a depth estimator (model.safetensors)", _MIDAS_ADVICE)
+        file = file_inside(folder, names[0], "the depth estimator")
+    sd = read_state_dict(file)
+    if any(k.startswith("depth_model.") for k in sd):
+        sd = {k.removeprefix("depth_model."): v for k, v in sd.items() if k.startswith("depth_model.")}
+    elif any(k.startswith("pretrained.") for k in sd):
+        sd = {f"model.{k}": v for k, v in sd.items()}
+    elif any(k.startswith("dpt.") for k in sd):
+        sd = midas_from_transformers(sd)
+    try:
+        return midas_estimator(sd, os.fspath(path), device)
+    except (ValueError, CheckpointError) as e:
+        raise AdapterError(path, f"no MiDaS DPT-hybrid depth model in it ({e})", _MIDAS_ADVICE) from None
 
 
 def image_encoder(

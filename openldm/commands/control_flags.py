@@ -1,6 +1,6 @@
 """The ControlNet flags of the generation commands: ``--controlnet PATH --control-image IMG
 [--control-preprocess P --control-weight W --control-start S --control-end E]``, repeatable, and
-``--guess-mode``. The n-th of each list goes with the n-th ControlNet; a list of one applies to all.
+``--control-mode`` (``--guess-mode``: control for all). The n-th of each list goes with the n-th ControlNet; a list of one applies to all.
 Everything is checked and every control image made before the checkpoint is read."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from openldm.model import StableDiffusion
     from openldm.pipelines.options import Control
 
-PER_CONTROL = ("control_preprocess", "control_weight", "control_start", "control_end")
+PER_CONTROL = ("control_preprocess", "control_weight", "control_start", "control_end", "control_mode")
 
 
 def add_control_flags(flags: Any) -> None:
@@ -34,9 +34,15 @@ def add_control_flags(flags: Any) -> None:
         "--control-preprocess",
         action="append",
         default=[],
-        choices=[*PREPROCESSORS, *NEEDS_A_MODEL],
-        help="make the control image from a picture first: canny edges, scribble, threshold, invert "
-        "(default: none, the image is the control image)",
+        choices=[*PREPROCESSORS, "depth", *NEEDS_A_MODEL],
+        help="make the control image from a picture first: canny edges, scribble, threshold, invert, depth "
+        "(MiDaS, with --depth-model) (default: none, the image is the control image)",
+    )
+    flags.add(
+        "--depth-model",
+        metavar="PATH",
+        help="the MiDaS estimator for --control-preprocess depth: dpt_hybrid-midas-501f0c75.pt, a depth "
+        "checkpoint such as 512-depth-ema (its depth_model.*), or a diffusers depth model's folder",
     )
     flags.add("--control-weight", action="append", default=[], type=float, help="its weight (default 1)")
     flags.add(
@@ -50,11 +56,15 @@ def add_control_flags(flags: Any) -> None:
         "--control-end", action="append", default=[], type=float, help="... and where it ends (default 1)"
     )
     flags.add(
-        "--guess-mode",
-        action="store_true",
-        help="the ControlNets guide only the prompt's half of guidance (the web UI's 'ControlNet is more "
-        "important')",
+        "--control-mode",
+        action="append",
+        default=[],
+        choices=["balanced", "prompt", "control"],
+        help="the web UI's control modes: balanced (default); prompt ('my prompt is more important': its "
+        "guidance ramps from 0.1 at the first block to 1 at the middle); control ('ControlNet is more "
+        "important': that ramp, on the prompt's half of guidance only, diffusers' guess mode)",
     )
+    flags.add("--guess-mode", action="store_true", help="--control-mode control for every ControlNet")
 
 
 def _nth(values: list[Any], index: int, default: Any) -> Any:
@@ -71,6 +81,21 @@ def _txt2img_size(args: argparse.Namespace) -> tuple[int, int] | None:
     return (args.W, args.H) if args.W is not None else (1, 1)
 
 
+def _depth_estimator(args: argparse.Namespace) -> Any:
+    from openldm.checkpoints.errors import CheckpointError
+    from openldm.checkpoints.extras import read_depth_estimator
+
+    if args.depth_model is None:
+        raise ValueError(
+            "--control-preprocess depth needs --depth-model PATH (dpt_hybrid-midas-501f0c75.pt or a depth "
+            "checkpoint), or give a depth map made elsewhere with --control-preprocess none"
+        )
+    try:
+        return read_depth_estimator(args.depth_model)
+    except CheckpointError as e:
+        raise ValueError(f"--depth-model: {e}") from None
+
+
 def control_requests(args: argparse.Namespace) -> list[tuple[str, Control]]:
     """The ControlNets asked for, their images made, without networks yet (checked now: a bad flag is a
     ``ValueError`` naming it). The embedded model has a ControlNet of its own: with no --ckpt, a
@@ -80,6 +105,7 @@ def control_requests(args: argparse.Namespace) -> list[tuple[str, Control]]:
     from openldm.checkpoints.packaged import embedded_controlnet_file
     from openldm.control_images import preprocess
     from openldm.pipelines.control import check_control_aspect
+    from openldm.pipelines.depth_estimate import depth_control_image
     from openldm.pipelines.options import Control, OptionError
 
     paths = list(args.controlnet)
@@ -101,7 +127,7 @@ def control_requests(args: argparse.Namespace) -> list[tuple[str, Control]]:
             raise ValueError(
                 f"{len(values)} {flag} for {count} --controlnet: give one, or one per ControlNet"
             )
-    requests = []
+    requests, estimator = [], None
     for index, (path, image_path) in enumerate(zip(paths, args.control_image, strict=True)):
         if not Path(path).exists():
             raise ValueError(f"--controlnet {path!r}: no such file or folder")
@@ -113,17 +139,22 @@ def control_requests(args: argparse.Namespace) -> list[tuple[str, Control]]:
         if (size := _txt2img_size(args)) is not None:
             check_control_aspect(picture.size, size, index)
         module = _nth(args.control_preprocess, index, "none")
+        if module == "depth":
+            estimator = estimator or _depth_estimator(args)
+            made = depth_control_image(estimator, picture)
+        else:
+            made = preprocess(picture, module)
         try:
             requests.append(
                 (
                     path,
                     Control(
                         None,
-                        preprocess(picture, module),
+                        made,
                         _nth(args.control_weight, index, 1.0),
                         _nth(args.control_start, index, 0.0),
                         _nth(args.control_end, index, 1.0),
-                        args.guess_mode,
+                        "control" if args.guess_mode else _nth(args.control_mode, index, "balanced"),
                         module,
                     ),
                 )

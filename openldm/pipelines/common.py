@@ -28,7 +28,7 @@ from openldm.config import ModelSpec, Variant
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
 from openldm.pipelines.control import ControlledUNet, PreparedControl
 from openldm.pipelines.memory import Request, check_memory
-from openldm.pipelines.options import PRECISIONS, Callback, GenerationOptions
+from openldm.pipelines.options import CONTROL_MODE_NAMES, PRECISIONS, Callback, GenerationOptions
 from openldm.prompts import encode_prompts, lora_tags
 from openldm.sampling.denoiser import CFGDenoiser, Denoiser
 from openldm.sampling.samplers import SamplerInfo
@@ -436,11 +436,10 @@ def control_settings(options: GenerationOptions) -> dict[str, str]:
     out = {}
     for index, control in enumerate(options.controls):
         network = control.network
-        mode = "ControlNet is more important" if control.guess_mode else "Balanced"
         out[f"ControlNet {index}"] = (
             f"Module: {control.module}, Model: {network.name} [{network.short_hash}], "
             f"Weight: {control.weight}, Guidance Start: {control.start}, Guidance End: {control.end}, "
-            f"Control Mode: {mode}"
+            f"Control Mode: {CONTROL_MODE_NAMES[control.mode]}"
         )
     return out
 

@@ -2,13 +2,16 @@
 
 Each :class:`~openldm.pipelines.options.Control` brings a ControlNet, its control image, a weight and
 the fraction of the steps it guides (``start`` to ``end``, as diffusers' ``control_guidance_start`` /
-``_end`` and the web UI's "starting / ending control step"); with ``guess_mode`` it guides the
-conditional half of classifier-free guidance only, its residuals scaled from 0.1 (first block) to 1
-(middle) as the reference's "guess mode". The residuals of all ControlNets add up.
+``_end`` and the web UI's "starting / ending control step") and a mode, the web UI's control modes:
+``balanced`` guides both halves of classifier-free guidance; ``prompt`` ("my prompt is more important")
+scales its residuals from 0.1 (first block) to 1 (middle) on both; ``control`` ("ControlNet is more
+important", the reference's and diffusers' guess mode) does that on the conditional half only. (The
+web UI's ramp, 0.825 ** (12 - i), and the reference's, 10 ** (i / 12 - 1), differ by under 0.5%; this is
+the latter.) The residuals of all ControlNets add up.
 
 A T2I-Adapter (a :class:`~openldm.nn.t2i_adapter.T2IAdapter` in the same ``Control``) reads its image
 once per run; its features, times its weight, add to the UNet's encoder on both halves of guidance
-during its fraction of the steps (guess mode is a ControlNet's and is refused for it). The features of
+during its fraction of the steps (the other modes are a ControlNet's and are refused for it). The features of
 all adapters add up too.
 """
 
@@ -24,7 +27,7 @@ from torch import nn
 
 from openldm.nn.controlnet import ControlNetModel
 from openldm.nn.t2i_adapter import T2IAdapter
-from openldm.pipelines.options import Control
+from openldm.pipelines.options import Control, ControlMode
 from openldm.sampling.schedule import NoiseSchedule
 
 ASPECT_TOLERANCE = 0.01
@@ -37,7 +40,7 @@ class PreparedControl:
     weight: float
     start: float
     end: float
-    guess_mode: bool
+    mode: ControlMode
     features: list[torch.Tensor] | None = None  # a T2I-Adapter's, made at its first step
 
     def guides(self, index: int, total: int) -> bool:
@@ -89,8 +92,10 @@ def _hint_channels(network: ControlNetModel | T2IAdapter) -> int:
 
 def prepare_controls(controls: tuple[Control, ...], size: tuple[int, int]) -> list[PreparedControl]:
     for i, c in enumerate(controls):
-        if c.guess_mode and isinstance(c.network, T2IAdapter):
-            raise ValueError(f"control {i + 1} is a T2I-Adapter: guess mode is for ControlNets only")
+        if c.mode != "balanced" and isinstance(c.network, T2IAdapter):
+            raise ValueError(
+                f"control {i + 1} is a T2I-Adapter: control mode {c.mode!r} is for ControlNets only"
+            )
     return [
         PreparedControl(
             c.network,
@@ -98,7 +103,7 @@ def prepare_controls(controls: tuple[Control, ...], size: tuple[int, int]) -> li
             c.weight,
             c.start,
             c.end,
-            c.guess_mode,
+            c.mode,
         )
         for i, c in enumerate(controls)
     ]
@@ -147,10 +152,10 @@ class ControlledUNet(nn.Module):
             latent = x[:, : network.config.in_channels]
             outs = network(latent, t, hint, context, y)
             scales = [control.weight] * len(outs)
-            if control.guess_mode:
+            if control.mode != "balanced":
                 scales = [control.weight * float(s) for s in torch.logspace(-1, 0, len(outs))]
             rows = None
-            if control.guess_mode and control_scale is not None:
+            if control.mode == "control" and control_scale is not None:
                 rows = control_scale.to(x.device, x.dtype)[:, None, None, None]
             outs = [o * s if rows is None else o * s * rows for o, s in zip(outs, scales, strict=True)]
             residuals = outs if residuals is None else [a + b for a, b in zip(residuals, outs, strict=True)]

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from openldm.pipelines.common import Generation, Model, check_strength, device_of, dtype_of
+from openldm.pipelines.common import Generation, Model, check_strength
+from openldm.pipelines.depth_estimate import estimate_depth_with
 from openldm.pipelines.img2img import Img2Img, InitImage
 from openldm.pipelines.options import GenerationOptions, Prompt, build_options
 from openldm.pipelines.run import Run, generate
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 
 DepthMap = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike[str]
 DEPTH_VARIANT = "depth"
-MIDAS_SIZE = 384  # the DPT-hybrid estimator's training size
-MIDAS_MULTIPLE = 32
 
 
 class MissingDepthEstimatorError(ValueError):
@@ -123,17 +122,6 @@ def normalize_depth(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.where(spread > 0, 2.0 * (depth - low) / spread.clamp_min(1e-30) - 1.0, -1.0)
 
 
-def midas_input_size(height: int, width: int, target: int = MIDAS_SIZE) -> tuple[int, int]:
-    """The reference MiDaS transform's size: keep the aspect, scale nearest 1 to reach ``target``, x32."""
-    scale_h, scale_w = target / height, target / width
-    scale = scale_w if abs(1 - scale_w) < abs(1 - scale_h) else scale_h
-
-    def multiple(x: float) -> int:
-        return max(MIDAS_MULTIPLE, int(np.round(x / MIDAS_MULTIPLE)) * MIDAS_MULTIPLE)
-
-    return multiple(scale * height), multiple(scale * width)
-
-
 def depth_estimator(model: Model) -> nn.Module:
     """The MiDaS DPT-hybrid estimator the checkpoint carries (``depth_model.*``, built when it loaded)."""
     if model.depth_estimator is None:
@@ -150,11 +138,7 @@ def depth_estimator(model: Model) -> nn.Module:
 
 def estimate_depth(model: Model, image: torch.Tensor) -> torch.Tensor:
     """MiDaS depth [1, h, w] (larger is nearer) of ``image`` [1, 3, H, W] in [-1, 1]."""
-    estimator = depth_estimator(model)
-    size = midas_input_size(int(image.shape[-2]), int(image.shape[-1]))
-    x = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
-    with torch.inference_mode():
-        return estimator(x.to(device_of(estimator), dtype_of(estimator))).float()
+    return estimate_depth_with(depth_estimator(model), image)
 
 
 # --- the pipeline ------------------------------------------------------------------------------

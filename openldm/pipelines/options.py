@@ -37,11 +37,23 @@ class OptionError(ValueError):
         super().__init__(message)
 
 
+# "balanced": on both halves of guidance; "prompt": both halves, each residual scaled from 0.1 (first block)
+# to 1 (middle); "control": that, on the conditional half only (diffusers' guess mode).
+ControlMode = Literal["balanced", "prompt", "control"]
+CONTROL_MODES: tuple[ControlMode, ...] = ("balanced", "prompt", "control")
+# The web UI's names of the modes, as its PNG parameters and its API's control_mode write them.
+CONTROL_MODE_NAMES: dict[ControlMode, str] = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "control": "ControlNet is more important",
+}
+
+
 @dataclass(frozen=True)
 class Control:
     """One ControlNet's guidance: the network (``model.load_controlnet``), its control image (PIL, or a
     tensor [3, H, W] in [0, 1]), its weight, the fraction of the steps it guides (``start`` to ``end``)
-    and ``guess_mode`` (the conditional half only; see :mod:`openldm.pipelines.control`). ``module``:
+    and its ``mode`` (the web UI's control modes; see :mod:`openldm.pipelines.control`). ``module``:
     the preprocessor that made the image, for the PNG parameters."""
 
     network: Any
@@ -49,10 +61,14 @@ class Control:
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    guess_mode: bool = False
+    mode: ControlMode = "balanced"
     module: str = "none"
 
     def __post_init__(self) -> None:
+        if self.mode not in CONTROL_MODES:
+            raise OptionError(
+                "controls", f"control mode must be one of {', '.join(CONTROL_MODES)}, got {self.mode!r}"
+            )
         if not _number(self.weight):
             raise OptionError("controls", f"a control weight must be a finite number, got {self.weight!r}")
         if not (_number(self.start) and _number(self.end) and 0 <= self.start < self.end <= 1):
