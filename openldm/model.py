@@ -75,6 +75,13 @@ class StableDiffusion(Networks):
             raise NotADirectoryError(f"LoRA folder {os.fspath(folder)!r} is not a folder")
         self.adapters.lora_dirs.append(path)
 
+    def add_controlnet_dir(self, folder: str | os.PathLike[str]) -> None:
+        """A folder where ControlNets and T2I-Adapters are found by name (the server's model list)."""
+        path = Path(folder)
+        if not path.is_dir():
+            raise NotADirectoryError(f"ControlNet folder {os.fspath(folder)!r} is not a folder")
+        self.adapters.controlnet_dirs.append(path)
+
     def load_embedding(self, path: str | os.PathLike[str], word: str | None = None) -> Embedding:
         """A textual inversion embedding, used in prompts as ``word`` (default: the file's name)."""
         return adapters.load_embedding(self, path, word)

@@ -92,12 +92,30 @@ def folders(tmp_path_factory, tiny_single_file) -> dict[str, Path]:
     checkpoints = root / "checkpoints"
     checkpoints.mkdir()
     shutil.copy(tiny_single_file("sd1"), checkpoints / "tiny-sd1.safetensors")
-    return {"root": root, "checkpoints": checkpoints}
+    controlnets = root / "controlnets"
+    (controlnets / "lines").mkdir(parents=True)
+    _random_controlnet(controlnets / "lines" / "cn-lines.safetensors")
+    return {"root": root, "checkpoints": checkpoints, "controlnets": controlnets}
+
+
+def _random_controlnet(path: Path) -> None:
+    """A ControlNet for the embedded model, every weight random (its zero convolutions too)."""
+    import safetensors.torch
+    import torch
+
+    import openldm
+    from openldm.nn.controlnet import ControlNetModel
+
+    g = torch.Generator().manual_seed(4)
+    net = ControlNetModel(openldm.load().unet.config)
+    sd = {f"control_model.{k}": torch.randn(v.shape, generator=g) * 0.05 for k, v in net.state_dict().items()}
+    safetensors.torch.save_file(sd, str(path))
 
 
 @pytest.fixture(scope="module")
 def server(folders) -> Iterator[Server]:
-    running = Server(folders["root"] / "data", ["--ckpt-dir", str(folders["checkpoints"])]).start()
+    extra = ["--ckpt-dir", str(folders["checkpoints"]), "--controlnet-dir", str(folders["controlnets"])]
+    running = Server(folders["root"] / "data", extra).start()
     yield running
     running.stop()
 
@@ -153,6 +171,74 @@ def test_img2img_inpainting_png_info_samplers_and_models(api, server) -> None:
     assert "Euler a" in [s["name"] for s in api.get_samplers()]
     assert api.util_get_model_names() == ["embedded", "tiny-sd1.safetensors"]
     assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+
+
+def test_controlnet_units_through_webuiapi_are_the_python_api_image(api, server, folders) -> None:
+    import openldm
+    from openldm.checkpoints.packaged import embedded_controlnet_file
+    from openldm.control_images import preprocess
+    from openldm.files import file_hash
+    from openldm.pipelines.options import Control
+
+    cn_file = folders["controlnets"] / "lines" / "cn-lines.safetensors"
+    titles = [f"embedded-controlnet [{file_hash(embedded_controlnet_file())[:8]}]"]
+    titles.append(f"cn-lines [{file_hash(cn_file)[:8]}]")
+    assert api.controlnet_model_list() == titles
+    assert {"none", "canny", "scribble", "invert"} <= set(api.controlnet_module_list())
+    square = Image.new("RGB", (96, 96), (230, 230, 230))
+    square.paste((10, 10, 10), (24, 24, 72, 72))
+    found = api.controlnet_detect([square], module="canny").image
+    assert np.array_equal(np.asarray(found), np.asarray(preprocess(square, "canny")))
+
+    units = [
+        webuiapi.ControlNetUnit(image=square, module="canny", model=titles[0], weight=0.8, guidance_end=0.5),
+        webuiapi.ControlNetUnit(image=square, module="invert", model="cn-lines", weight=0.5, control_mode=2),
+    ]
+    # webuiapi writes the units into its default alwayson_scripts dict unless given one of our own
+    result = api.txt2img(
+        prompt=PROMPT, width=64, height=64, seed=5, steps=6, cfg_scale=7.0, controlnet_units=units,
+        alwayson_scripts={},
+    )  # fmt: skip
+    infotext = result.info["infotexts"][0]
+    assert 'ControlNet 0: "Module: canny, Model: embedded-controlnet [' in infotext
+    assert "Control Mode: ControlNet is more important" in infotext
+
+    model = openldm.load()
+    controls = [
+        Control(
+            model.load_controlnet(embedded_controlnet_file()), preprocess(square, "canny"), 0.8, 0.0, 0.5
+        ),
+        Control(model.load_controlnet(cn_file), preprocess(square, "invert"), 0.5, mode="control"),
+    ]
+    options = {"steps": 6, "width": 64, "height": 64, "seed": 5, "sampler": "euler_a", "eta": 1.0}
+    options["guidance_scale"] = 7.0
+    ours = model.txt2img(PROMPT, progress=False, controls=controls, **options).images[0]
+    plain = model.txt2img(PROMPT, progress=False, **options).images[0]
+    served = np.asarray(result.image, dtype=int)
+    assert np.abs(served - np.asarray(ours, dtype=int)).max() <= 1
+    assert np.abs(served - np.asarray(plain, dtype=int)).max() > 10
+
+    post = lambda units: httpx.post(  # noqa: E731
+        server.url + "/sdapi/v1/txt2img",
+        json={"prompt": "x", "width": 64, "height": 64, "alwayson_scripts": {"ControlNet": {"args": units}}},
+        headers=AUTH,
+        timeout=60,
+    )
+    image = _png_b64(square)
+    wide = _png_b64(Image.new("RGB", (96, 64)))
+    for unit, message in [
+        ({"image": image, "model": "nowhere"}, "no ControlNet named 'nowhere'"),
+        ({"image": image, "model": "../cn-lines"}, "must be a file name"),
+        ({"image": image, "model": "cn-lines [00000000]"}, "another hash than 00000000"),
+        ({"image": wide, "model": "cn-lines"}, "another aspect than the 64x64 output"),
+        ({"image": image, "model": "cn-lines", "module": "openpose"}, "needs the OpenPose body model"),
+        ({"image": image, "model": "cn-lines", "control_mode": "Loud"}, "control_mode must be one of"),
+        ({"model": "cn-lines"}, "unit 1 has no image"),
+    ]:
+        response = post([unit])
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"][0]
+        assert detail["loc"][-1] == "alwayson_scripts" and message in detail["msg"], detail
 
 
 def test_options_switch_the_checkpoint(api) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -38,6 +39,8 @@ class Adapters:
     files: dict[tuple[str, int, int], LoraFile] = field(
         default_factory=dict
     )  # read files, by path/size/mtime
+    controlnet_dirs: list[Path] = field(default_factory=list)  # where ControlNets are found by name
+    controlnets: OrderedDict[tuple[str, int, int], Any] = field(default_factory=OrderedDict)  # read, kept
 
 
 class AdapterModel(Protocol):

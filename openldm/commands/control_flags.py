@@ -1,7 +1,8 @@
 """The ControlNet flags of the generation commands: ``--controlnet PATH --control-image IMG
-[--control-preprocess P --control-weight W --control-start S --control-end E]``, repeatable, and
-``--control-mode`` (``--guess-mode``: control for all). The n-th of each list goes with the n-th ControlNet; a list of one applies to all.
-Everything is checked and every control image made before the checkpoint is read."""
+[--control-preprocess P --control-weight W --control-start S --control-end E --control-mode M]``,
+repeatable, and ``--guess-mode`` (mode control for all). The n-th of each list goes with the n-th
+ControlNet; a list of one applies to all. Everything is checked and every control image made before the
+checkpoint is read."""
 
 from __future__ import annotations
 

@@ -23,9 +23,11 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from openldm.adapters.lora_files import find_lora
+from openldm.control_images import PREPROCESSORS
 from openldm.images import parse_parameters
 from openldm.prompts import lora_tags
 from openldm.sampling.samplers import SAMPLERS
+from openldm.server.controlnet_units import check_units, detect
 from openldm.server.requests import (
     BadRequest,
     Img2ImgRequest,
@@ -136,6 +138,7 @@ def create_app(store: Store, worker: Worker | Dispatcher, settings: Settings) ->
                 find_lora(name, worker.lora_dirs())
         except (ValueError, FileNotFoundError) as e:
             raise BadRequest("prompt", str(e)) from None
+        check_units(request, worker.controlnet_files())
         factor = worker.factor()
         for name in ("width", "height"):
             if getattr(request, name) % factor:
@@ -240,6 +243,24 @@ def create_app(store: Store, worker: Worker | Dispatcher, settings: Settings) ->
                 if is_lora_file(path):
                     found.append({"name": path.stem, "alias": path.stem, "path": str(path), "metadata": {}})
         return found
+
+    @app.get("/controlnet/version")
+    def controlnet_version() -> dict[str, Any]:
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list")
+    def controlnet_models() -> dict[str, Any]:
+        from openldm.adapters.controlnet_files import title
+
+        return {"model_list": [title(path) for path in worker.controlnet_files()]}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules() -> dict[str, Any]:
+        return {"module_list": list(PREPROCESSORS), "module_detail": {}}
+
+    @app.post("/controlnet/detect")
+    def controlnet_detect(body: dict[str, Any]) -> dict[str, Any]:
+        return detect(body)
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict[str, Any]:

@@ -8,8 +8,9 @@ from typing import Any
 
 DESCRIPTION = """\
 Serve the web UI's HTTP API (/sdapi/v1: txt2img, img2img, samplers, sd-models, loras, embeddings,
-options, progress, interrupt, png-info) and a job queue (/jobs: queue, follow, cancel) over one model,
-the embedded one by default. Jobs are kept in SQLite in --data: a job accepted survives a restart."""
+options, progress, interrupt, png-info; the ControlNet extension's units and /controlnet routes) and a
+job queue (/jobs: queue, follow, cancel) over one model, the embedded one by default. Jobs are kept in
+SQLite in --data: a job accepted survives a restart."""
 EPILOG = """\
 examples:
   openldm serve                                   # the embedded model on http://127.0.0.1:7860
@@ -71,6 +72,12 @@ def _model_flags(add: Any, ckpt_dir: str) -> None:
     add("--ckpt-dir", help=ckpt_dir)
     add("--lora-dir", action="append", default=[], help="where <lora:NAME:W> finds its files (repeatable)")
     add("--embeddings-dir", help="a folder of textual inversion embeddings")
+    add(
+        "--controlnet-dir",
+        action="append",
+        default=[],
+        help="where the ControlNet units of requests find their models, by name (repeatable)",
+    )
     add("--device", help="cpu, cuda, mps... (default: cuda, else mps, else cpu)")
 
 
@@ -103,6 +110,8 @@ def make_loader(args: argparse.Namespace, by_name: bool = False) -> Any:
         model = load(checkpoint, device=device)
         for folder in args.lora_dir:
             model.add_lora_dir(folder)
+        for folder in args.controlnet_dir:
+            model.add_controlnet_dir(folder)
         for path in embedding_files(args.embeddings_dir) if args.embeddings_dir else []:
             model.load_embedding(path)
         return model
@@ -147,7 +156,8 @@ def _dispatcher(args: argparse.Namespace, store: Any) -> Any:
 
     files = embedding_files(args.embeddings_dir) if args.embeddings_dir else []
     embeddings = {path.stem.lower(): vectors_shape(path) for path in files}
-    return Dispatcher(store, args.redis, args.ckpt, [Path(p) for p in args.lora_dir], embeddings)
+    lora_dirs, controlnet_dirs = [Path(p) for p in args.lora_dir], [Path(p) for p in args.controlnet_dir]
+    return Dispatcher(store, args.redis, args.ckpt, lora_dirs, embeddings, controlnet_dirs)
 
 
 def run_worker(args: argparse.Namespace) -> int:

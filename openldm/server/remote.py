@@ -95,6 +95,7 @@ class Dispatcher:
         checkpoint: str | None,
         lora_dirs: list[Path],
         embeddings: dict[str, tuple[int, int]],
+        controlnet_dirs: list[Path],
     ) -> None:
         from rq import Queue
 
@@ -103,7 +104,7 @@ class Dispatcher:
         self.connection.ping()  # an unreachable Redis is an error now, not at the first job
         self.queue = Queue(QUEUE, connection=self.connection)
         self.checkpoint = checkpoint
-        self._lora_dirs, self._embeddings = lora_dirs, embeddings
+        self._lora_dirs, self._embeddings, self._controlnet_dirs = lora_dirs, embeddings, controlnet_dirs
         self.current: Job | None = None
         self.preview: Image.Image | None = None
         self._cancels_seen = time.time() - 3600  # cancellations already passed on, by time
@@ -120,6 +121,11 @@ class Dispatcher:
 
     def embedding_shapes(self) -> dict[str, tuple[int, int]]:
         return self._embeddings
+
+    def controlnet_files(self) -> list[Path]:
+        from openldm.adapters.controlnet_files import files_in
+
+        return files_in(self._controlnet_dirs, embedded=self.checkpoint in (None, "embedded"))
 
     def start(self) -> None:
         self._resume()

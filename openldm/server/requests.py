@@ -1,9 +1,10 @@
 """The web UI's request shapes (``/sdapi/v1/txt2img``, ``img2img``), validated, and their options.
 
 Fields are the web UI's names and defaults; the many it has that openldm does not use (``restore_faces``,
-``styles``, ``alwayson_scripts``...) are accepted and ignored, as the web UI ignores those of
-extensions it lacks. Images come as base64 PNG/JPEG (``data:`` prefixes allowed); their sizes are
-checked from their headers before they are decoded.
+``styles``...) are accepted and ignored, as the web UI ignores those of extensions it lacks; of
+``alwayson_scripts``, the ControlNet extension's is read (:mod:`openldm.server.controlnet_units`).
+Images come as base64 PNG/JPEG (``data:`` prefixes allowed); their sizes are checked from their headers
+before they are decoded.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Txt2ImgRequest(BaseModel):
     clip_skip: int | None = Field(None, ge=1, le=12)
     send_images: bool = True
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
 
 
 class Img2ImgRequest(Txt2ImgRequest):

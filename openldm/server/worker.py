@@ -13,16 +13,19 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from openldm.adapters.controlnet_files import controlnet_files
 from openldm.model import StableDiffusion
 from openldm.pipelines.img2img import Img2Img
 from openldm.pipelines.inpaint import Inpaint
 from openldm.pipelines.run import Task
 from openldm.pipelines.txt2img import Txt2Img
+from openldm.server.controlnet_units import controls_of
 from openldm.server.requests import Img2ImgRequest, Txt2ImgRequest, decode_image, options_of
 from openldm.server.store import Job, Store
 
@@ -123,6 +126,9 @@ class Worker:
     def embedding_shapes(self) -> dict[str, tuple[int, int]]:
         return {e.word: tuple(e.vectors.shape) for e in self.model.adapters.embeddings}
 
+    def controlnet_files(self) -> list[Path]:
+        return controlnet_files(self.model)
+
     def _save(self, job: Job, n: int, image: Image.Image) -> str:
         from openldm.files import write_atomically
         from openldm.images import png_bytes
@@ -141,7 +147,10 @@ def generate_images(
     """Run a job's request on ``model``: its images and the web UI's ``info``. After every step,
     ``on_step(done, total, preview)`` (steps over all repeats); it may raise to stop the job."""
     request = (Img2ImgRequest if kind == "img2img" else Txt2ImgRequest).model_validate(fields)
-    options = options_of(request).replace(callback=_progress(model, request, on_step))
+    options = options_of(request).replace(
+        callback=_progress(model, request, on_step),
+        controls=controls_of(request, model, controlnet_files(model)),
+    )
     generation = model.generate(_task(request), options)
     return list(generation.images), _info(request, generation)
 
