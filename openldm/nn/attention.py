@@ -183,4 +183,4 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).reshape(b, -1, h, w)
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + x_in
+        return x_in + x

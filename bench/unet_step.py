@@ -1,0 +1,172 @@
+"""One guided UNet step at full size: where the time goes, how far from the machine's floor, and
+diffusers' UNet on the same weights in the same run.
+
+A step is one UNet call on a batch of 2 (classifier-free guidance: the prompt's row and the empty
+prompt's): SD 1 sizes (``--preset sd15``, 320 channels, 768-wide text) on 64x64 latents (512x512
+pixels) by default, fp32, seeded random weights (``pipelines_full_size.random_state_dict``).
+
+Printed:
+
+1. **the floor**: the step's FLOPs (``torch.utils.flop_counter``: convolutions, linear layers and the
+   attention matmuls, these counted here for the CPU's fused attention) over the machine's measured
+   sgemm rate (a 2048^3 fp32 matmul, best of 5): the time no implementation built on these kernels
+   can beat;
+2. **seconds per step**, medians of ``--repeats`` after a warm-up, for openldm and diffusers,
+   interleaved (one of each in turn), and their ratios to each other and to the floor;
+3. **the breakdown by operator** (``torch.profiler``, one step each): convolutions, matmuls (linear
+   layers), attention (scaled dot product), GroupNorm, LayerNorm, elementwise (add, mul, SiLU, GELU,
+   ...), copies (copy, cat, contiguous, layout changes), other; seconds and percent of the step.
+
+``--variant`` applies one of the measured speed-ups to openldm's UNet (``channels_last``, ``compile``:
+``torch.compile``, ``none``) so that each can be kept or left out by its numbers.
+
+Run: ``python bench/unet_step.py [--preset sd15] [--size 512] [--repeats 5] [--threads 2]
+[--variant none|channels_last|compile] [--no-diffusers]``. About 3-5 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import peers  # bench/peers.py: puts the checkout on sys.path before openldm's import
+import torch
+from pipelines_full_size import random_state_dict
+from torch.utils.flop_counter import FlopCounterMode
+
+from openldm.config import preset
+from openldm.nn.unet import UNetModel
+
+CATEGORIES = (
+    (
+        "attention",
+        ("scaled_dot_product", "flash_attention", "_efficient_attention", "bmm", "baddbmm", "softmax"),
+    ),
+    ("convolution", ("conv", "mkldnn_convolution", "convolution")),
+    ("matmul", ("addmm", "mm", "linear", "matmul")),
+    ("group_norm", ("group_norm",)),
+    ("layer_norm", ("layer_norm",)),
+    ("copies", ("copy_", "cat", "contiguous", "clone", "to_dense", "reorder", "_to_copy", "as_strided")),
+    ("elementwise", ("add", "mul", "silu", "gelu", "div", "sub", "exp", "sin", "cos", "neg", "chunk")),
+)
+
+
+def category(name: str) -> str:
+    name = name.removeprefix("aten::")
+    for label, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return label
+    return "other"
+
+
+def sgemm_rate(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a fp32 ``size``^3 matmul, best of ``repeats``."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        fn()
+    return time.perf_counter() - start
+
+
+def _attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    """QK^T and the weighted sum of V (shapes (B, H, N, D)); the flop counter has no formula for the
+    CPU's fused attention."""
+    b, h, n, d = query
+    return 2 * b * h * n * key[-2] * (d + value[-1])
+
+
+def step_flops(fn: Callable[[], Any]) -> int:
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter, torch.inference_mode():
+        fn()
+    return counter.get_total_flops()
+
+
+def breakdown(fn: Callable[[], Any]) -> dict[str, float]:
+    """Seconds per category of one call (self CPU time of the profiler's top-level aten ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+        fn()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        totals[category(event.key)] += event.self_cpu_time_total / 1e6
+    return dict(totals)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="sd15")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variant", default="none", choices=["none", "channels_last", "compile"])
+    parser.add_argument("--no-diffusers", action="store_true")
+    args = parser.parse_args()
+    peers.set_threads(args.threads)
+
+    spec = preset(args.preset)
+    with torch.device("meta"):
+        meta = UNetModel(spec.unet)
+    sd = random_state_dict(meta, torch.Generator().manual_seed(0), torch.float32)
+    ours = UNetModel(spec.unet).eval()
+    ours.load_state_dict(sd)
+    g = torch.Generator().manual_seed(1)
+    side = args.size // 8
+    x = torch.randn(2, spec.unet.in_channels, side, side, generator=g)
+    context = torch.randn(2, 77, spec.unet.context_dim, generator=g)
+    t = torch.tensor([500.0, 500.0])
+
+    if args.variant == "channels_last":
+        ours = ours.to(memory_format=torch.channels_last)
+    runner: Any = torch.compile(ours) if args.variant == "compile" else ours
+    calls: dict[str, Callable[[], Any]] = {"openldm": lambda: runner(x, t, context)}
+    if not args.no_diffusers:
+        theirs = peers.diffusers_unet(spec, sd).eval()
+        calls["diffusers"] = lambda: theirs(x, t, encoder_hidden_states=context).sample
+
+    rate = sgemm_rate()
+    flops = step_flops(lambda: ours(x, t, context))
+    floor = flops / rate
+    print(f"floor: {flops / 1e12:.3f} TFLOP per guided step / {rate / 1e9:.0f} GFLOP/s = {floor:.2f} s")
+
+    start = time.perf_counter()
+    for call in calls.values():
+        _timed(call)  # warm-up (and compilation)
+    print(f"warm-up: {time.perf_counter() - start:.1f} s")
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            times[name].append(_timed(call))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, seconds in medians.items():
+        print(f"{name:10s} {seconds:6.2f} s per guided step ({seconds / floor:.2f}x the floor)")
+    if "diffusers" in medians:
+        print(f"openldm / diffusers: {medians['openldm'] / medians['diffusers']:.2f}")
+
+    print("\n| category | " + " | ".join(f"{n} s | {n} %" for n in calls) + " |")
+    print("|---|" + "---|---|" * len(calls))
+    parts = {name: breakdown(call) for name, call in calls.items()}
+    labels = [label for label, _ in CATEGORIES] + ["other"]
+    for label in labels:
+        cells = []
+        for name in calls:
+            total = sum(parts[name].values())
+            seconds = parts[name].get(label, 0.0)
+            cells.append(f"{seconds:.2f} | {100 * seconds / total:.1f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
