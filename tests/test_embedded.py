@@ -98,6 +98,20 @@ def embedded_tensors() -> dict[str, torch.Tensor]:
     return load_file(embedded.EMBEDDED_FILE)
 
 
+def test_loading_and_generating_import_no_compiler() -> None:
+    """Networks are built on meta with no initialisation: the defaults' Python decompositions would
+    import torch._dynamo (about 1.5 s of every command's start) for tensors the file fills anyway."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, openldm; openldm.load().txt2img('a red circle', steps=1, progress=False); "
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_missing_weights_say_what_to_do(monkeypatch, tmp_path, capsys) -> None:
     monkeypatch.setattr(packaged, "EMBEDDED_FILE", tmp_path / "embedded.safetensors")
     with pytest.raises(MissingWeightsError, match="missing from this installation.*Reinstall openldm"):

@@ -4,15 +4,38 @@ The three networks and the extras (the depth estimator, the CLIP image encoder) 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from openldm.checkpoints.errors import CorruptCheckpointError
 
 StateDict = dict[str, torch.Tensor]
+# The tensor methods the modules' default initialisation calls: pointless on meta tensors, and slow
+# there (an embedding's normal_ goes through Python decompositions whose first use imports
+# torch._dynamo, about 1.5 s of every command's start).
+_INIT_METHODS = frozenset({"uniform_", "normal_", "zero_", "fill_", "exponential_", "trunc_normal_"})
+
+
+class _SkipInit(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _INIT_METHODS:
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def on_meta() -> Iterator[None]:
+    """Build networks on the meta device with no initialisation (their tensors come from a file)."""
+    with torch.device("meta"), _SkipInit():
+        yield
 
 
 def build_network(
@@ -24,7 +47,7 @@ def build_network(
     dtype: torch.dtype | None,
     device: str | torch.device,
 ) -> Any:
-    with torch.device("meta"):
+    with on_meta():
         model = cls(config)
     check_keys(model, sd, what, source)
     if dtype is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from openldm.checkpoints.build import build_network
+from openldm.checkpoints.build import build_network, on_meta
 from openldm.checkpoints.errors import AdapterError, CheckpointError
 from openldm.checkpoints.formats.controlnet import controlnet_from_diffusers
 from openldm.checkpoints.formats.unet import UnsupportedUNetError, infer_unet_config
@@ -44,7 +44,7 @@ def _our_layout(path: Path, sd: StateDict, unet: UNetConfig) -> tuple[StateDict,
     if "controlnet_cond_embedding.conv_in.weight" in sd:
         in_channels = sd["conv_in.weight"].shape[1]
         config = dataclasses.replace(unet, in_channels=in_channels)
-        with torch.device("meta"):
+        with on_meta():
             ours = list(ControlNetModel(config).state_dict())
         try:
             sd = controlnet_from_diffusers(sd, ours, config)
