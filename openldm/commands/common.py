@@ -50,6 +50,7 @@ OPTION_FLAGS = {
     "prompt": "--prompt",
     "negative_prompt": "--negative-prompt",
     "clip_skip": "--clip-skip",
+    "cfg_end": "--cfg-end",
 }
 _OPTION_WORDS = {"guidance_scale": "guidance scale"}
 
@@ -224,6 +225,7 @@ def generation_options(
         "weighting": not args.no_weighting,
         "precision": precision,
         "clip_skip": args.clip_skip,
+        "cfg_end": args.cfg_end,
         "hires": hires_option(args),
     }
     try:

@@ -96,6 +96,13 @@ def sampling_flags(flags: Flags, *, steps: int, n_iter: int, n_samples: int, sca
     )
     flags.add("--scale", type=float, default=None, help=f"classifier-free guidance scale (default: {scale})")
     flags.add(
+        "--cfg-end",
+        type=float,
+        default=1.0,
+        help="fraction of the steps that are guided; the rest run the prompt's half only, one UNet row "
+        "instead of two (e.g. 0.8: the last 20%% of the steps about half as costly; default: 1, all)",
+    )
+    flags.add(
         "--seed", type=int, default=42, help="the seed (for reproducible sampling; default: %(default)s)"
     )
     flags.add("--no-weighting", action="store_true", help="read (word:1.3), (word), [word] as plain text")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -245,6 +246,14 @@ DenoiserHook = Callable[
 ]
 
 
+def guidance_floor(sigmas: torch.Tensor, cfg_end: float) -> float:
+    """The noise level at and below which guidance stops: that of the first step past the fraction
+    ``cfg_end`` of the run's steps (0: every step guided)."""
+    steps = len(sigmas) - 1
+    guided = math.ceil(round(cfg_end * steps, 9))
+    return 0.0 if guided >= steps else float(sigmas[guided])
+
+
 @dataclass
 class Sampling:
     """One configured sampling run: ``sampling(x)`` denoises ``x`` (at ``sigmas[0]``) down ``sigmas``.
@@ -268,6 +277,7 @@ class Sampling:
     extra_cond: dict[str, torch.Tensor] | None = None
     extra_uncond: dict[str, torch.Tensor] | None = None
     controls: list[PreparedControl] | None = None
+    cfg_end: float = 1.0
 
     def __call__(self, x: torch.Tensor, hook: DenoiserHook | None = None) -> torch.Tensor:
         model = self.model
@@ -287,7 +297,9 @@ class Sampling:
         if self.uncond is not None:
             extra_u = extra if extra_uncond is None else self._extra(extra_uncond)
             uncond = {"context": self.uncond.to(dtype), **extra_u}
-        guided = CFGDenoiser(denoiser, cond, uncond, float(self.guidance_scale))
+        guided = CFGDenoiser(
+            denoiser, cond, uncond, float(self.guidance_scale), guidance_floor(self.sigmas, self.cfg_end)
+        )
 
         def x0_float(latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return guided(latent, sigma).float() if hook is None else hook(guided, latent, sigma)
@@ -402,6 +414,7 @@ def run_settings(
         "Sampler": options.sampler_info.display_name,
         "Schedule type": "Karras" if options.karras else None,
         "CFG scale": options.guidance_scale,
+        "CFG end": options.cfg_end if options.cfg_end < 1 else None,
         "Seed": seed,
         "Size": f"{width}x{height}",
         "Model": model_name(model),

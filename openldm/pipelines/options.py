@@ -115,7 +115,8 @@ class GenerationOptions:
     weights. ``precision``: None runs the weights as loaded, fp16/bf16 autocast. ``output_type``: PIL
     images, arrays or tensors in [0, 1], or "latent" (no decoding). ``callback`` runs after every step;
     ``progress`` shows a bar. ``clip_skip``: the web UI's clip skip, 1 uses the text encoder's last
-    layer, N the output of the N-th layer from the end (then its final layer norm). ``controls``: the
+    layer, N the output of the N-th layer from the end (then its final layer norm). ``cfg_end``: the
+    fraction of the steps that are guided (the rest run the conditional half only). ``controls``: the
     ControlNets that guide the run (:class:`Control`). ``hires``: the hires fix (txt2img only).
     """
 
@@ -140,6 +141,7 @@ class GenerationOptions:
     callback: Callback | None = None
     progress: bool = True
     clip_skip: int = 1
+    cfg_end: float = 1.0
     controls: tuple[Control, ...] = ()
     hires: Hires | None = None
 
@@ -158,6 +160,11 @@ class GenerationOptions:
                 "guidance_scale",
                 "guidance scale must be a finite number >= 0 (1 turns guidance off), "
                 f"got {self.guidance_scale!r}",
+            )
+        if not _number(self.cfg_end) or not 0 < self.cfg_end <= 1:
+            raise OptionError(
+                "cfg_end",
+                f"cfg_end (the guided fraction of the steps) must be in (0, 1], got {self.cfg_end!r}",
             )
         if self.sampler not in SAMPLERS:
             raise OptionError(
@@ -241,6 +248,7 @@ class OptionFields(TypedDict, total=False):
     callback: Callback | None
     progress: bool
     clip_skip: int
+    cfg_end: float
     controls: tuple[Control, ...]
     hires: Hires | None
 

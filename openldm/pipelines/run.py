@@ -129,6 +129,7 @@ class Run:
             extra,
             extra_uncond,
             prepare_controls(options.controls, self.size) if options.controls else None,
+            options.cfg_end,
         )
         return sampling(x, hook)
 

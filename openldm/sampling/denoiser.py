@@ -61,7 +61,8 @@ class CFGDenoiser:
     ``cond`` / ``uncond`` are the UNet conditioning: a context tensor or a dict of keywords
     (``context``, ``y``, ``c_concat``) whose tensors have batch size 1 or that of ``x``. Guiding x0 is
     guiding eps (or v): at a fixed sigma x0 is an affine function of either. With ``scale == 1`` the
-    unconditional half is skipped.
+    unconditional half is skipped; so it is at noise levels ``sigma <= guided_above`` (guidance stopped
+    for the last steps: the conditional prediction alone, one UNet row instead of two).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class CFGDenoiser:
         cond: torch.Tensor | Cond,
         uncond: torch.Tensor | Cond | None,
         scale: float,
+        guided_above: float = 0.0,
     ) -> None:
         if uncond is None and scale != 1.0:
             raise ValueError(f"guidance scale {scale} needs an unconditional input (uncond)")
@@ -77,10 +79,12 @@ class CFGDenoiser:
         self.cond = _as_cond(cond)
         self.uncond = _as_cond(uncond) if uncond is not None else None
         self.scale = float(scale)
+        self.guided_above = float(guided_above)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         batch = x.shape[0]
-        if self.scale == 1.0 or self.uncond is None:
+        unguided = self.guided_above > 0 and float(torch.as_tensor(sigma).max()) <= self.guided_above
+        if self.scale == 1.0 or self.uncond is None or unguided:
             return self.denoiser(x, sigma, **_expanded(self.cond, batch))
         sigma = torch.as_tensor(sigma).reshape(-1).expand(batch)
         both = _concat(_expanded(self.uncond, batch), _expanded(self.cond, batch))
