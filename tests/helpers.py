@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 
@@ -34,6 +37,16 @@ SQUARE_COLOURS = {
     "blue": (30, 40, 220),
     "yellow": (230, 220, 30),
 }
+
+
+def assert_images_match(name: str, ours: Any, theirs: Any, plain: Any, tol: float = 1e-3) -> float:
+    """``ours`` within ``tol`` (max abs, [0, 1] pixels) of ``theirs``, which differs from ``plain`` (the
+    image without the feature under test) by over 20 ``tol``: the feature does something."""
+    err = float(np.abs(ours - theirs).max())
+    print(f"{name}: max abs pixel error {err:.2e}")
+    assert float(np.abs(theirs - plain).max()) > 20 * tol, f"{name}: the feature changes nothing"
+    assert err <= tol, f"{name}: max abs pixel error {err:.2e}"
+    return err
 
 
 def write_squares(root, caption: str = "a {} square in the centre"):

@@ -18,6 +18,7 @@ from openldm.checkpoints.formats.controlnet import controlnet_from_diffusers
 from openldm.checkpoints.formats.unet import unet_config_to_diffusers
 from openldm.nn.controlnet import ControlNetModel
 from openldm.pipelines.options import Control
+from tests.helpers import assert_images_match
 from tests.oracles import diffusers_pair
 from tests.tiny import TINY
 
@@ -133,11 +134,7 @@ def test_images_match_diffusers_controlnet_pipeline(pair, tmp_path) -> None:
     for name, (controls, theirs_options) in cases.items():
         used = nets[: len(controls)]
         theirs = _theirs(pair, used, images[: len(controls)], **theirs_options)
-        ours = _ours(pair.model, controls)
-        err = float(np.abs(ours - theirs).max())
-        print(f"{name}: max abs pixel error {err:.2e}")
-        assert float(np.abs(theirs - plain).max()) > 20 * PIXEL_TOL, f"{name}: the control changes nothing"
-        assert err <= PIXEL_TOL, f"{name}: max abs pixel error {err:.2e}"
+        assert_images_match(name, _ours(pair.model, controls), theirs, plain, PIXEL_TOL)
 
 
 def test_original_file_and_diffusers_folder_give_the_same_network(pair, tmp_path) -> None:

@@ -19,6 +19,7 @@ from openldm.checkpoints.errors import AdapterError
 from openldm.checkpoints.formats.t2i_adapter import t2i_adapter_from_diffusers, t2i_adapter_to_diffusers
 from openldm.nn.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from openldm.pipelines.options import Control
+from tests.helpers import assert_images_match
 from tests.oracles import diffusers_pair
 from tests.test_controlnet import control_image
 
@@ -109,11 +110,7 @@ def test_images_match_diffusers_adapter_pipeline(pair, tmp_path) -> None:
     }
     for name, (controls, adapter, their_images, scale) in cases.items():
         theirs = _theirs(pair, adapter, their_images, scale)
-        mine = _ours(pair.model, controls)
-        err = float(np.abs(mine - theirs).max())
-        print(f"T2I-Adapter {name}: max abs pixel error {err:.2e}")
-        assert float(np.abs(theirs - plain).max()) > 20 * PIXEL_TOL, f"{name}: the adapter changes nothing"
-        assert err <= PIXEL_TOL, f"{name}: max abs pixel error {err:.2e}"
+        assert_images_match(f"T2I-Adapter {name}", _ours(pair.model, controls), theirs, plain, PIXEL_TOL)
 
 
 def test_the_single_file_and_the_diffusers_folder_give_one_image(pair, tmp_path) -> None:
