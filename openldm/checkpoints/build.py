@@ -13,6 +13,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from openldm.checkpoints.errors import CorruptCheckpointError
+from openldm.nn.upcast import compute_dtype, upcast_layers
 
 StateDict = dict[str, torch.Tensor]
 # The tensor methods the modules' default initialisation calls: pointless on meta tensors, and slow
@@ -55,6 +56,15 @@ def build_network(
     model.load_state_dict(sd, strict=True, assign=True)
     # Loaded networks are for inference: no gradients until a training loop asks for them.
     return model.requires_grad_(False).eval().to(device)
+
+
+def computed_like(network: nn.Module, reference: nn.Module) -> Any:
+    """``network`` (built in ``reference``'s weight dtype) computing in ``reference``'s compute dtype:
+    an add-on network (a ControlNet, a swapped VAE) follows the model it serves."""
+    dtype = compute_dtype(reference)
+    if dtype != next(network.parameters()).dtype:
+        upcast_layers(network, dtype)
+    return network
 
 
 def check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str) -> None:

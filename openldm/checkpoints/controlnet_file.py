@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from openldm.checkpoints.build import build_network, on_meta
+from openldm.checkpoints.build import build_network, computed_like, on_meta
 from openldm.checkpoints.errors import AdapterError, CheckpointError
 from openldm.checkpoints.formats.controlnet import controlnet_from_diffusers
 from openldm.checkpoints.formats.unet import UnsupportedUNetError, infer_unet_config
@@ -91,6 +91,7 @@ def read_controlnet(path: str | os.PathLike[str], unet: torch.nn.Module) -> Cont
         raise
     except CheckpointError as e:
         raise AdapterError(path, e.problem, e.advice) from None
+    computed_like(network, unet)
     network.name = path.name if path.is_dir() else path.stem
     network.short_hash = file_hash(file)[:8]
     return network

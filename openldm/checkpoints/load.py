@@ -79,6 +79,7 @@ from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.clip_vision import CLIPVisionEncoder
 from openldm.nn.midas import MiDaSDepthEstimator
 from openldm.nn.unet import UNetModel
+from openldm.nn.upcast import upcast_layers
 from openldm.nn.vae import AutoencoderKL
 from openldm.tokenizer import CLIPTokenizer
 
@@ -145,6 +146,7 @@ class LoadOptions(TypedDict, total=False):
     config: str | os.PathLike[str] | None
     prediction_type: PredictionType | None
     dtype: torch.dtype | None
+    compute_dtype: torch.dtype | None
     device: str | torch.device
     preset: str | ModelSpec | None
     variant: str | None
@@ -181,6 +183,7 @@ def load(
     config: str | os.PathLike[str] | None = None,
     prediction_type: PredictionType | None = None,
     dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     preset: str | ModelSpec | None = None,
     variant: str | None = None,
@@ -194,6 +197,10 @@ def load(
         config: the reference's yaml config (``v2-inference-v.yaml``...), for single files.
         prediction_type: ``"eps"`` or ``"v"``; overrides everything else.
         dtype: cast the floating-point weights (default: keep the stored dtype).
+        compute_dtype: compute in this dtype with the weights kept as stored (or as ``dtype``): each
+            layer casts its weights for its call (:mod:`openldm.nn.upcast`). Default: float32 on a CPU
+            for fp16/bf16 weights (half the memory of upcasting them, the same results), else the
+            weights' dtype.
         device: where the networks go.
         preset: a preset name or a :class:`ModelSpec` to build instead of reading the sizes.
         variant: diffusers weight variant to read (``"fp16"`` for ``*.fp16.safetensors``).
@@ -213,13 +220,17 @@ def load(
     parts.tokenizer.pad_token_id = spec.text.pad_token_id  # a preset may pad differently
     unet = build_network(UNetModel, spec.unet, parts.unet, "unet", source, dtype, device)
     extra = build_extra_networks(parts.extras, source, spec.unet, dtype or _dtype_of(unet), device)
+    vae = build_network(AutoencoderKL, spec.vae, parts.vae, "vae", source, dtype, device)
+    text = build_network(CLIPTextEncoder, spec.text, parts.text, "text encoder", source, dtype, device)
+    if compute_dtype is None and dtype is None and device.type == "cpu":
+        compute_dtype = torch.float32  # half-precision weights stay so, computed in fp32
+    for network in (unet, vae, text, extra.image_encoder):
+        computed_in(network, compute_dtype)
     return Networks(
         spec=spec,
         unet=unet,
-        vae=build_network(AutoencoderKL, spec.vae, parts.vae, "vae", source, dtype, device),
-        text_encoder=build_network(
-            CLIPTextEncoder, spec.text, parts.text, "text encoder", source, dtype, device
-        ),
+        vae=vae,
+        text_encoder=text,
         tokenizer=parts.tokenizer,
         extras=parts.extras,
         source=source,
@@ -265,6 +276,13 @@ class SourceFiles:
         files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p])]
         stats = [(os.fspath(f), f.stat()) for f in files if f.is_file()]
         return tuple((name, info.st_size, info.st_mtime_ns) for name, info in stats)
+
+
+def computed_in(network: nn.Module | None, dtype: torch.dtype | None) -> None:
+    """Make ``network`` compute in ``dtype`` with its weights as stored (see :func:`load`'s
+    ``compute_dtype``); nothing to do for None or weights already in it."""
+    if network is not None and dtype is not None and dtype != _dtype_of(network):
+        upcast_layers(network, dtype)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

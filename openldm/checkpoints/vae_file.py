@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from openldm.checkpoints.build import build_network
+from openldm.checkpoints.build import build_network, computed_like
 from openldm.checkpoints.detect import VAE_PREFIX
 from openldm.checkpoints.errors import AdapterError, CheckpointError
 from openldm.checkpoints.formats.vae import vae_from_diffusers
@@ -49,9 +49,10 @@ def read_vae(path: str | os.PathLike[str], like: AutoencoderKL) -> AutoencoderKL
     parameter = next(like.parameters())
     try:
         sd = _our_layout(path, read_state_dict(file), like)
-        return build_network(
+        vae = build_network(
             AutoencoderKL, like.config, sd, "VAE", os.fspath(path), parameter.dtype, parameter.device
         )
+        return computed_like(vae, like)
     except AdapterError:
         raise
     except CheckpointError as e:

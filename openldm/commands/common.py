@@ -257,19 +257,26 @@ def flag_message(error: OptionError) -> str:
 
 def load_model(args: argparse.Namespace, kind: str | None = None) -> StableDiffusion:
     """The model of --ckpt (with --config, --base), else the embedded model of the command (or
-    ``kind``), on --device, in float32 when the precision is fp32."""
+    ``kind``), on --device, computing in float32 when the precision is fp32."""
     import torch
 
     from openldm.model import load, load_embedded
 
     device = device_name(args.device)
-    dtype = torch.float32 if precision_for(args) == "fp32" else None
+    # fp32: half-precision weights stay so in memory, each layer computing in fp32 (the same images),
+    # unless --fp32-weights asks for them upcast once (more memory, a little faster)
+    fp32 = torch.float32 if precision_for(args) == "fp32" else None
+    weights: dict[str, Any] = {"dtype" if getattr(args, "fp32_weights", False) else "compute_dtype": fp32}
     if args.ckpt is None:
-        model = load_embedded(kind or EMBEDDED_COMMANDS.get(args.command), device=device, dtype=dtype)
+        model = load_embedded(kind or EMBEDDED_COMMANDS.get(args.command), device=device, **weights)
     else:
         try:
             model = load(
-                args.ckpt, config=args.config, device=device, dtype=dtype, base=getattr(args, "base", None)
+                args.ckpt,
+                config=args.config,
+                device=device,
+                **weights,
+                base=getattr(args, "base", None),
             )
         except HubUnavailableError as e:
             raise UsageError(hub_error(args.ckpt, e)) from None

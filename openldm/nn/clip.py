@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openldm.config import TextConfig
+from openldm.nn.upcast import compute_dtype
 
 LAYER_NORM_EPS = 1e-5
 
@@ -138,9 +139,9 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(
                 f"added token vectors must be [n, {self.config.width}], got {list(vectors.shape)}"
             )
-        weight = self.text_model.embeddings.token_embedding.weight
+        embedding = self.text_model.embeddings.token_embedding
         self.text_model.embeddings.added = (
-            None if vectors is None else vectors.to(weight.device, weight.dtype)
+            None if vectors is None else vectors.to(embedding.weight.device, compute_dtype(embedding))
         )
 
     def vocabulary_size(self) -> int:

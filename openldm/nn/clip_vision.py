@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from openldm.nn.clip import quick_gelu
+from openldm.nn.upcast import compute_dtype
 
 # CLIP's pixel statistics (OpenAI's, used by OpenCLIP ViT-H/14 too).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -141,7 +142,7 @@ class CLIPVisionEncoder(nn.Module):
         size = self.config.image_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
             raise ValueError(f"pixels must be [B, 3, {size}, {size}], got {list(pixels.shape)}")
-        x = self.conv1(pixels.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        x = self.conv1(pixels.to(compute_dtype(self))).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))

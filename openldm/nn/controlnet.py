@@ -19,6 +19,7 @@ from torch import nn
 
 from openldm.config import UNetConfig
 from openldm.nn.unet import UNetModel, timestep_embedding
+from openldm.nn.upcast import compute_dtype
 
 HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
 HINT_STRIDES = (1, 1, 2, 1, 2, 1, 2)
@@ -60,7 +61,7 @@ class ControlNetModel(nn.Module):
     ) -> list[torch.Tensor]:
         """The residuals for latents ``x`` at ``timesteps`` under ``hint`` (B, C, 8H, 8W) in [0, 1]:
         one per UNet skip connection, then the middle block's."""
-        dtype = self.time_embed[0].weight.dtype
+        dtype = compute_dtype(self)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))

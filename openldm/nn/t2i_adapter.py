@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from openldm.nn.upcast import compute_dtype
+
 UNSHUFFLE = 8
 
 
@@ -83,7 +85,7 @@ class T2IAdapter(nn.Module):
             raise ValueError(
                 f"this T2I-Adapter reads {self.config.in_channels}-channel images, got {image.shape[1]}"
             )
-        dtype = self.conv_in.weight.dtype
+        dtype = compute_dtype(self)
         x = self.conv_in(F.pixel_unshuffle(image.to(dtype), UNSHUFFLE))
         features = []
         for index, block in enumerate(self.body):

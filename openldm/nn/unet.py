@@ -26,6 +26,7 @@ from torch import nn
 
 from openldm.config import UNetConfig
 from openldm.nn.attention import GroupNorm32, SpatialTransformer
+from openldm.nn.upcast import compute_dtype
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -246,7 +247,7 @@ class UNetModel(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
 
-        dtype = self.time_embed[0].weight.dtype
+        dtype = compute_dtype(self)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if self.label_emb is not None:
             assert y is not None

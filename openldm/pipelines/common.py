@@ -27,6 +27,7 @@ from openldm.adapters.patcher import Source
 from openldm.adapters.state import vae_hash
 from openldm.config import ModelSpec, Variant
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
+from openldm.nn.upcast import compute_dtype
 from openldm.pipelines.control import ControlledUNet, PreparedControl
 from openldm.pipelines.memory import Request, check_memory
 from openldm.pipelines.options import CONTROL_MODE_NAMES, PRECISIONS, Callback, GenerationOptions
@@ -166,7 +167,8 @@ def device_of(module: nn.Module) -> torch.device:
 
 
 def dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+    """The dtype ``module`` computes in (its weights' unless its layers upcast them)."""
+    return compute_dtype(module)
 
 
 def autocast(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager[Any]:

@@ -30,6 +30,7 @@ from openldm.checkpoints.detect import read_json
 from openldm.checkpoints.errors import CorruptCheckpointError, MissingWeightsError, UnknownArchitectureError
 from openldm.nn.clip_vision import CLIPVisionEncoder, VisionConfig, preprocess
 from openldm.nn.unet import timestep_embedding
+from openldm.nn.upcast import compute_dtype
 
 if TYPE_CHECKING:
     from openldm.pipelines.common import Model
@@ -72,8 +73,8 @@ class ImageEmbedder:
     def embed(self, image: Image.Image) -> torch.Tensor:
         """[1, D] float32 embedding of a PIL image (CLIP preprocessing, then the tower)."""
         encoder = self.encoder
-        weight = encoder.conv1.weight
-        pixels = preprocess(image, encoder.config.image_size).to(weight.device, weight.dtype)
+        device = encoder.conv1.weight.device
+        pixels = preprocess(image, encoder.config.image_size).to(device, compute_dtype(encoder))
         return encoder(pixels).float()
 
     def condition(self, embeds: torch.Tensor, noise_level: int, noise: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,7 @@ class Denoiser:
         c_concat = cond.pop("c_concat", None)
         if c_concat is not None:
             x_in = torch.cat([x_in, c_concat.to(x_in)], dim=1)
-        dtype = next(self.unet.parameters()).dtype
-        out = self.unet(x_in.to(dtype), t, **cond).to(x.dtype)
+        out = self.unet(x_in, t, **cond).to(x.dtype)  # the UNet casts its input to the dtype it computes in
         if self.prediction_type == "eps":
             return x - per_sample(sigma64) * out
         # v = sqrt(a) eps - sqrt(1 - a) x0 with sqrt(a) = c_in and sqrt(1 - a) = sigma * c_in.
