@@ -435,7 +435,7 @@ def test_the_depth_preprocessor_reads_every_midas_layout(tmp_path, init_image, c
     write_single_file(paths[1], {f"depth_model.{k}": v.contiguous() for k, v in reference.items()})
     hf.save_pretrained(paths[2])
     images = [np.asarray(depth_control_image(read_depth_estimator(p), init_image)) for p in paths]
-    assert all(np.array_equal(images[0], image) for image in images[1:])
+    assert all(np.abs(images[0].astype(int) - image).max() <= 1 for image in images[1:])
 
     pixels = torch.from_numpy(np.asarray(init_image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     pixels = F.interpolate(pixels, size=(384, 384), mode="bicubic", align_corners=False).clamp(-1, 1)

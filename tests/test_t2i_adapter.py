@@ -125,7 +125,7 @@ def test_the_single_file_and_the_diffusers_folder_give_one_image(pair, tmp_path)
         _ours(pair.model, [Control(pair.model.load_controlnet(p), sketch, 1.0, 0.0, 0.5)])
         for p in (original, folder)
     ]
-    assert np.array_equal(images[0], images[1])
+    assert np.abs(images[0] - images[1]).max() <= 1e-6  # the same tensors, read from two layouts
     assert float(np.abs(images[0] - _ours(pair.model, [])).max()) > 20 * PIXEL_TOL
 
 

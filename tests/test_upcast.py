@@ -1,6 +1,7 @@
 """Half-precision weights kept so and computed in fp32 (``openldm.nn.upcast``): a fp16 file on the
-CPU holds half the bytes and gives the image of the same file upcast at load, bit for bit; add-on
-networks follow the model; asked for, the weights' own dtype computes."""
+CPU holds half the bytes and gives the image of the same file upcast at load (the same arithmetic:
+equal here, within 1e-6 allowed for kernels that may pick another path for freshly cast weights);
+add-on networks follow the model; asked for, the weights' own dtype computes."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_fp16_weights_stay_fp16_and_give_the_upcast_image(fp16_file, tmp_path) -
         assert compute_dtype(network) == torch.float32
         assert 2 * _bytes(network) == _bytes(reference)
     image = kept.txt2img("a lighthouse at dawn", **OPTIONS).images
-    assert np.array_equal(image, upcast.txt2img("a lighthouse at dawn", **OPTIONS).images)
+    assert np.abs(image - upcast.txt2img("a lighthouse at dawn", **OPTIONS).images).max() <= 1e-6
 
     # A ControlNet read for the kept model is stored in fp16 and computes in fp32 like it.
     g = torch.Generator().manual_seed(0)
@@ -54,8 +55,8 @@ def test_fp16_weights_stay_fp16_and_give_the_upcast_image(fp16_file, tmp_path) -
     assert next(controls[0][1].parameters()).dtype == torch.float16
     hint = torch.rand(3, 64, 64, generator=g)
     images = [m.txt2img("a lighthouse", controls=[Control(n, hint)], **OPTIONS).images for m, n in controls]
-    assert np.array_equal(images[0], images[1])
-    assert not np.array_equal(images[0], image)
+    assert np.abs(images[0] - images[1]).max() <= 1e-6
+    assert np.abs(images[0] - image).max() > 1e-2
 
 
 def test_asked_for_the_weights_compute_in_their_own_dtype(fp16_file) -> None:

@@ -61,10 +61,7 @@ def build_network(
 def computed_like(network: nn.Module, reference: nn.Module) -> Any:
     """``network`` (built in ``reference``'s weight dtype) computing in ``reference``'s compute dtype:
     an add-on network (a ControlNet, a swapped VAE) follows the model it serves."""
-    dtype = compute_dtype(reference)
-    if dtype != next(network.parameters()).dtype:
-        upcast_layers(network, dtype)
-    return network
+    return upcast_layers(network, compute_dtype(reference))
 
 
 def check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str) -> None:

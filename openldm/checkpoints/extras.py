@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from openldm.checkpoints.build import build_network
+from openldm.checkpoints.components import component_weights
 from openldm.checkpoints.detect import (
     ExtraNetwork,
     detect_extra_networks,
@@ -35,7 +36,7 @@ from openldm.checkpoints.formats.clip_vision import (
     vision_from_transformers,
 )
 from openldm.checkpoints.formats.midas import midas_from_transformers
-from openldm.checkpoints.read import file_inside, read_state_dict
+from openldm.checkpoints.read import read_state_dict
 from openldm.config import UNetConfig
 from openldm.nn.clip_vision import CLIPVisionEncoder, VisionConfig
 from openldm.nn.midas import MiDaSDepthEstimator, infer_midas_config
@@ -109,14 +110,13 @@ def read_depth_estimator(
     (``pretrained.*``, ``scratch.*``), a depth checkpoint (its ``depth_model.*``), transformers'
     ``DPTForDepthEstimation`` file, or a diffusers depth model's folder (its ``depth_estimator``)."""
     path = Path(path)
-    file = path
-    if path.is_dir():
-        folder = path / "depth_estimator" if (path / "depth_estimator").is_dir() else path
-        names = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
-        if not names:
-            raise AdapterError(path, "a folder without a depth estimator (model.safetensors)", _MIDAS_ADVICE)
-        file = file_inside(folder, names[0], "the depth estimator")
-    sd = read_state_dict(file)
+    if path.is_dir():  # a diffusers depth model's folder, or its depth_estimator folder itself
+        folder, component = (
+            (path, "depth_estimator") if (path / "depth_estimator").is_dir() else (path.parent, path.name)
+        )
+        sd = component_weights(folder, component, None)
+    else:
+        sd = read_state_dict(path)
     if any(k.startswith("depth_model.") for k in sd):
         sd = {k.removeprefix("depth_model."): v for k, v in sd.items() if k.startswith("depth_model.")}
     elif any(k.startswith("pretrained.") for k in sd):

@@ -43,6 +43,7 @@ from torch import nn
 
 from openldm.checkpoints import variant_files
 from openldm.checkpoints.build import build_network, examples
+from openldm.checkpoints.components import component_weights, weight_candidates
 from openldm.checkpoints.detect import (
     EXTRA_COMPONENTS,
     TEXT_PREFIXES,
@@ -63,7 +64,7 @@ from openldm.checkpoints.errors import (
     excerpt,
 )
 from openldm.checkpoints.extras import build_extra_networks
-from openldm.checkpoints.read import file_inside, read_state_dict
+from openldm.checkpoints.read import read_state_dict
 from openldm.config import (
     PRESETS,
     ModelSpec,
@@ -225,7 +226,8 @@ def load(
     if compute_dtype is None and dtype is None and device.type == "cpu":
         compute_dtype = torch.float32  # half-precision weights stay so, computed in fp32
     for network in (unet, vae, text, extra.image_encoder):
-        computed_in(network, compute_dtype)
+        if network is not None and compute_dtype is not None:
+            upcast_layers(network, compute_dtype)
     return Networks(
         spec=spec,
         unet=unet,
@@ -276,13 +278,6 @@ class SourceFiles:
         files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p])]
         stats = [(os.fspath(f), f.stat()) for f in files if f.is_file()]
         return tuple((name, info.st_size, info.st_mtime_ns) for name, info in stats)
-
-
-def computed_in(network: nn.Module | None, dtype: torch.dtype | None) -> None:
-    """Make ``network`` compute in ``dtype`` with its weights as stored (see :func:`load`'s
-    ``compute_dtype``); nothing to do for None or weights already in it."""
-    if network is not None and dtype is not None and dtype != _dtype_of(network):
-        upcast_layers(network, dtype)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
@@ -570,17 +565,17 @@ def _diffusers_parts(folder: Path, variant: str | None) -> _Parts:
         folder / "unet",
         "UNet",
         unet.unet_from_diffusers,
-        _component_weights(folder, "unet", variant),
+        component_weights(folder, "unet", variant),
         unet_cfg,
     )
     vae_sd = _convert(
-        folder / "vae", "VAE", vae.vae_from_diffusers, _component_weights(folder, "vae", variant), vae_cfg
+        folder / "vae", "VAE", vae.vae_from_diffusers, component_weights(folder, "vae", variant), vae_cfg
     )
     text_sd = _convert(
         folder / "text_encoder",
         "text encoder",
         clip.text_from_transformers,
-        _component_weights(folder, "text_encoder", variant),
+        component_weights(folder, "text_encoder", variant),
     )
     parts = _Parts(
         detection=detection,
@@ -643,51 +638,6 @@ def _read_scheduler(folder: Path, parts: _Parts) -> None:
     )
 
 
-def _weight_candidates(folder: Path, variant: str | None) -> list[Path]:
-    stems = ("diffusion_pytorch_model", "model", "pytorch_model")
-    tags = [f".{variant}"] if variant else ["", ".fp16"]
-    return [folder / f"{stem}{tag}.{ext}" for tag in tags for stem in stems for ext in ("safetensors", "bin")]
-
-
-def _component_weights(folder: Path, component: str, variant: str | None) -> StateDict:
-    """The weights of ``folder/component``: safetensors preferred, ``.bin`` read safely, shards merged."""
-    sub = folder / component
-    for candidate in _weight_candidates(sub, variant):
-        if candidate.is_file():
-            return read_state_dict(candidate)
-        index = candidate.with_name(candidate.name + ".index.json")
-        if index.is_file():
-            merged: StateDict = {}
-            for shard in _shards(sub, index):
-                merged.update(read_state_dict(shard))
-            return merged
-    wanted = "diffusion_pytorch_model" if component in ("unet", "vae") else "model"
-    raise MissingWeightsError(
-        sub,
-        f"no weights found (looked for {wanted}{'.' + variant if variant else ''}.safetensors and .bin)",
-        "Download the weights of this component into the folder"
-        + ("" if variant else ", or pass variant='fp16' for *.fp16.* files"),
-    )
-
-
-def _shards(folder: Path, index: Path) -> list[Path]:
-    """The shard files a ``*.index.json`` lists (``weight_map``: tensor name -> file), each checked to
-    be a regular file inside ``folder``."""
-    weight_map = read_json(index, index.name).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CorruptCheckpointError(
-            index, "its weight_map is not a non-empty JSON object", _REDOWNLOAD_INDEX
-        )
-    if not all(isinstance(name, str) for name in weight_map.values()):
-        raise CorruptCheckpointError(
-            index, "its weight_map names a file with a value that is not a string", _REDOWNLOAD_INDEX
-        )
-    return [file_inside(folder, name, index.name) for name in sorted(set(weight_map.values()))]
-
-
-_REDOWNLOAD_INDEX = "Download the index file again"
-
-
 def _diffusers_extras(folder: Path, variant: str | None) -> dict[str, StateDict]:
     index = read_json(folder / "model_index.json", "model_index.json")
     extras: dict[str, StateDict] = {}
@@ -700,8 +650,8 @@ def _diffusers_extras(folder: Path, variant: str | None) -> dict[str, StateDict]
                 f"it names a component {excerpt(name)}, which is not a plain folder name",
                 "Use the folder as published",
             )
-        if (folder / name).is_dir() and any(c.is_file() for c in _weight_candidates(folder / name, variant)):
-            extras[name] = _component_weights(folder, name, variant)
+        if (folder / name).is_dir() and any(c.is_file() for c in weight_candidates(folder / name, variant)):
+            extras[name] = component_weights(folder, name, variant)
     return extras
 
 

@@ -78,7 +78,10 @@ def upcast_layers(network: nn.Module, dtype: torch.dtype = torch.float32) -> nn.
     """Make ``network`` compute in ``dtype`` with its weights left as stored (see the module docstring).
     Subclasses of these layers that compute in their own way (the GroupNorm computed in fp32) are left
     as they are; parameters outside layers (class and position embeddings) are cast where they are
-    used, and one that were not would stop the computation with a dtype error, not lose precision."""
+    used, and one that were not would stop the computation with a dtype error, not lose precision.
+    A network whose weights are already in ``dtype`` is left as it is."""
+    if next(network.parameters()).dtype == dtype:
+        return network
     for module in network.modules():
         upcast = _UPCAST.get(type(module))
         if upcast is not None:

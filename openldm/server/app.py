@@ -138,7 +138,7 @@ def create_app(store: Store, worker: Worker | Dispatcher, settings: Settings) ->
                 find_lora(name, worker.lora_dirs())
         except (ValueError, FileNotFoundError) as e:
             raise BadRequest("prompt", str(e)) from None
-        check_units(request, worker.controlnet_files())
+        check_units(request, worker.controlnet_files)
         factor = worker.factor()
         for name in ("width", "height"):
             if getattr(request, name) % factor:

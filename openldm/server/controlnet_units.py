@@ -10,13 +10,14 @@ control images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from openldm.adapters.controlnet_files import controlnet_network, find_controlnet
+from openldm.adapters.controlnet_files import controlnet_files, controlnet_network, find_controlnet
 from openldm.control_images import NEEDS_A_MODEL, PREPROCESSORS, preprocess
 from openldm.model import StableDiffusion
 from openldm.pipelines.control import check_control_aspect
@@ -113,10 +114,13 @@ def _file(unit: ControlNetUnit, index: int, files: list[Path]) -> Path:
         raise BadRequest(FIELD, f"ControlNet unit {index + 1}: {e}") from None
 
 
-def check_units(request: Txt2ImgRequest, files: list[Path]) -> None:
+def check_units(request: Txt2ImgRequest, known_files: Callable[[], list[Path]]) -> None:
     """Every unit usable (see the module docstring), or a :class:`BadRequest` naming the first that
-    is not; ``files``: the ControlNet files the server knows."""
-    for index, unit in enumerate(controlnet_units(request)):
+    is not; ``known_files()``: the ControlNet files the server knows (listed only for a request with
+    units)."""
+    units = controlnet_units(request)
+    files = known_files() if units else []
+    for index, unit in enumerate(units):
         _module(unit, index)
         _mode(unit, index)
         _file(unit, index, files)
@@ -125,10 +129,13 @@ def check_units(request: Txt2ImgRequest, files: list[Path]) -> None:
             raise BadRequest(FIELD, f"ControlNet unit {index + 1}: guidance_start must be below guidance_end")
 
 
-def controls_of(request: Txt2ImgRequest, model: StableDiffusion, files: list[Path]) -> tuple[Control, ...]:
-    """The request's units as the generation's controls, their networks read for ``model``."""
+def controls_of(request: Txt2ImgRequest, model: StableDiffusion) -> tuple[Control, ...]:
+    """The request's units as the generation's controls, their networks found among ``model``'s
+    ControlNet files and read for it."""
+    units = controlnet_units(request)
+    files = controlnet_files(model) if units else []
     controls = []
-    for index, unit in enumerate(controlnet_units(request)):
+    for index, unit in enumerate(units):
         module = _module(unit, index)
         controls.append(
             Control(

@@ -149,7 +149,7 @@ def generate_images(
     request = (Img2ImgRequest if kind == "img2img" else Txt2ImgRequest).model_validate(fields)
     options = options_of(request).replace(
         callback=_progress(model, request, on_step),
-        controls=controls_of(request, model, controlnet_files(model)),
+        controls=controls_of(request, model),
     )
     generation = model.generate(_task(request), options)
     return list(generation.images), _info(request, generation)
