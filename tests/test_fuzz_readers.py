@@ -32,7 +32,7 @@ import json, resource, signal, sys
 import torch
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
 from openldm.checkpoints.errors import CheckpointError
-from openldm.checkpoints.load import _shards
+from openldm.checkpoints.components import _shards
 from openldm.checkpoints.read import read_state_dict
 cases = json.loads(open(sys.argv[1]).read())
 clean = {k: v.clone() for k, v in read_state_dict(cases["clean"]).items()}
