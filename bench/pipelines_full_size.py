@@ -178,6 +178,7 @@ def _ours_model(spec: ModelSpec, weights: tuple[peers.StateDict, ...]) -> Any:
     from openldm.nn.clip import CLIPTextEncoder
     from openldm.nn.unet import UNetModel
     from openldm.nn.vae import AutoencoderKL
+    from openldm.nn.winograd import winograd_for
     from openldm.tokenizer import CLIPTokenizer
 
     nets = []
@@ -188,6 +189,7 @@ def _ours_model(spec: ModelSpec, weights: tuple[peers.StateDict, ...]) -> Any:
             net = cls(config)
         net.load_state_dict(sd, strict=True, assign=True)
         nets.append(net.eval().requires_grad_(False))
+    winograd_for(nets[0], torch.device("cpu"))  # what openldm.load does: Winograd within half the free memory
     return StableDiffusion(spec, *nets, tokenizer=CLIPTokenizer.for_config(spec.text))
 
 
@@ -209,13 +211,15 @@ def prepare_openldm(name: str, spec: ModelSpec, size: int, dtype: torch.dtype) -
     common |= {"output_type": "latent", "progress": False}
     embedder = _ours_embedder(spec) if name == "unclip" else None
     if name.startswith("controlnet"):
+        from openldm.checkpoints.build import computed_like
         from openldm.nn.controlnet import ControlNetModel
         from openldm.pipelines.options import Control
 
         with torch.device("meta"):
             net = ControlNetModel(spec.unet)
         net.load_state_dict(controlnet_weights(spec, dtype), strict=True, assign=True)
-        common["controls"] = (Control(net.eval().requires_grad_(False), picture(size)),)
+        net = computed_like(net.eval().requires_grad_(False), model.unet)  # as read_controlnet does
+        common["controls"] = (Control(net, picture(size)),)
 
     def run(steps: int, callback: Callable[..., Any]) -> torch.Tensor:
         options = {**common, "steps": steps, "callback": callback}

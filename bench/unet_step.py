@@ -17,11 +17,13 @@ Printed:
    layers), attention (scaled dot product), GroupNorm, LayerNorm, elementwise (add, mul, SiLU, GELU,
    ...), copies (copy, cat, contiguous, layout changes), other; seconds and percent of the step.
 
-``--variant`` applies one of the measured speed-ups to openldm's UNet (``channels_last``, ``compile``:
-``torch.compile``, ``none``) so that each can be kept or left out by its numbers.
+``--variant`` applies one of the measured speed-ups to openldm's UNet (``winograd``: what ``openldm.load``
+does on a CPU with fp32 weights, :mod:`openldm.nn.winograd`; ``channels_last``, ``compile``:
+``torch.compile``, ``none``: direct convolutions) so that each can be kept or left out by its numbers.
+The floor counts the direct convolutions' FLOPs, so Winograd's fewer multiplications can pass it.
 
 Run: ``python bench/unet_step.py [--preset sd15] [--size 512] [--repeats 5] [--threads 2]
-[--variant none|channels_last|compile] [--no-diffusers]``. About 3-5 minutes on 2 cores.
+[--variant none|winograd|channels_last|compile] [--no-diffusers]``. About 3-5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from openldm.config import preset
 from openldm.nn.unet import UNetModel
+from openldm.nn.winograd import WINOGRAD_RECORD, winograd_for
 
 CATEGORIES = (
     (
@@ -94,15 +97,26 @@ def step_flops(fn: Callable[[], Any]) -> int:
 
 
 def breakdown(fn: Callable[[], Any]) -> dict[str, float]:
-    """Seconds per category of one call (self CPU time of the profiler's top-level aten ops)."""
+    """Seconds per category of one call (self CPU time of the profiler's aten ops; those inside a
+    Winograd convolution, whose products are ``bmm``, count as convolution)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
         fn()
     totals: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        totals[category(event.key)] += event.self_cpu_time_total / 1e6
+    for event in prof.events():
+        label = "convolution" if _inside(event, WINOGRAD_RECORD) else category(event.name)
+        totals[label] += event.self_cpu_time_total / 1e6
     return dict(totals)
+
+
+def _inside(event: Any, name: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == name:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def main() -> None:
@@ -111,7 +125,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variant", default="none", choices=["none", "channels_last", "compile"])
+    parser.add_argument("--variant", default="none", choices=["none", "winograd", "channels_last", "compile"])
     parser.add_argument("--no-diffusers", action="store_true")
     args = parser.parse_args()
     peers.set_threads(args.threads)
@@ -128,6 +142,9 @@ def main() -> None:
     context = torch.randn(2, 77, spec.unet.context_dim, generator=g)
     t = torch.tensor([500.0, 500.0])
 
+    flops = step_flops(lambda: ours(x, t, context))  # the direct computation's, before any variant
+    if args.variant == "winograd":
+        winograd_for(ours, torch.device("cpu"))
     if args.variant == "channels_last":
         ours = ours.to(memory_format=torch.channels_last)
     runner: Any = torch.compile(ours) if args.variant == "compile" else ours
@@ -137,7 +154,6 @@ def main() -> None:
         calls["diffusers"] = lambda: theirs(x, t, encoder_hidden_states=context).sample
 
     rate = sgemm_rate()
-    flops = step_flops(lambda: ours(x, t, context))
     floor = flops / rate
     print(f"floor: {flops / 1e12:.3f} TFLOP per guided step / {rate / 1e9:.0f} GFLOP/s = {floor:.2f} s")
 

@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from openldm.checkpoints.errors import CorruptCheckpointError
 from openldm.nn.upcast import compute_dtype, upcast_layers
+from openldm.nn.winograd import use_winograd, winograd_budget_of
 
 StateDict = dict[str, torch.Tensor]
 # The tensor methods the modules' default initialisation calls: pointless on meta tensors, and slow
@@ -60,8 +61,11 @@ def build_network(
 
 def computed_like(network: nn.Module, reference: nn.Module) -> Any:
     """``network`` (built in ``reference``'s weight dtype) computing in ``reference``'s compute dtype:
-    an add-on network (a ControlNet, a swapped VAE) follows the model it serves."""
-    return upcast_layers(network, compute_dtype(reference))
+    an add-on network (a ControlNet, a swapped VAE) follows the model it serves, and shares the budget
+    of its Winograd convolutions (:mod:`openldm.nn.winograd`) when it has one."""
+    upcast_layers(network, compute_dtype(reference))
+    budget = winograd_budget_of(reference)
+    return network if budget is None else use_winograd(network, budget)
 
 
 def check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str) -> None:

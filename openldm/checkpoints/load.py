@@ -82,6 +82,7 @@ from openldm.nn.midas import MiDaSDepthEstimator
 from openldm.nn.unet import UNetModel
 from openldm.nn.upcast import upcast_layers
 from openldm.nn.vae import AutoencoderKL
+from openldm.nn.winograd import winograd_for
 from openldm.tokenizer import CLIPTokenizer
 
 log = logging.getLogger("openldm")
@@ -148,6 +149,7 @@ class LoadOptions(TypedDict, total=False):
     prediction_type: PredictionType | None
     dtype: torch.dtype | None
     compute_dtype: torch.dtype | None
+    winograd_memory: int | None
     device: str | torch.device
     preset: str | ModelSpec | None
     variant: str | None
@@ -185,6 +187,7 @@ def load(
     prediction_type: PredictionType | None = None,
     dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype | None = None,
+    winograd_memory: int | None = None,
     device: str | torch.device = "cpu",
     preset: str | ModelSpec | None = None,
     variant: str | None = None,
@@ -202,6 +205,10 @@ def load(
             layer casts its weights for its call (:mod:`openldm.nn.upcast`). Default: float32 on a CPU
             for fp16/bf16 weights (half the memory of upcasting them, the same results), else the
             weights' dtype.
+        winograd_memory: bytes the UNet's (and its ControlNets') 3x3 convolutions may keep as
+            transformed filters to run by Winograd's algorithm on a CPU (:mod:`openldm.nn.winograd`;
+            0: never). Default: half the memory free after loading when the UNet computes in its
+            stored fp32 weights, else 0 (weights kept in half precision are a choice of memory).
         device: where the networks go.
         preset: a preset name or a :class:`ModelSpec` to build instead of reading the sizes.
         variant: diffusers weight variant to read (``"fp16"`` for ``*.fp16.safetensors``).
@@ -228,6 +235,7 @@ def load(
     for network in (unet, vae, text, extra.image_encoder):
         if network is not None and compute_dtype is not None:
             upcast_layers(network, compute_dtype)
+    winograd_for(unet, device, winograd_memory)
     return Networks(
         spec=spec,
         unet=unet,

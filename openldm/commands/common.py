@@ -97,6 +97,9 @@ def check_model_flags(args: argparse.Namespace) -> None:
     if args.ckpt is None and args.config is not None:
         raise UsageError("--config describes the checkpoint of --ckpt; pass --ckpt too (or no --config)")
     device_name(args.device)
+    gigabytes = getattr(args, "winograd_memory", None)
+    if gigabytes is not None and not gigabytes >= 0:
+        raise UsageError(f"--winograd-memory {gigabytes:g} is not a size; give the GB to keep, or 0 for none")
     check_adapter_flags(args)
 
 
@@ -267,6 +270,8 @@ def load_model(args: argparse.Namespace, kind: str | None = None) -> StableDiffu
     # unless --fp32-weights asks for them upcast once (more memory, a little faster)
     fp32 = torch.float32 if precision_for(args) == "fp32" else None
     weights: dict[str, Any] = {"dtype" if getattr(args, "fp32_weights", False) else "compute_dtype": fp32}
+    if getattr(args, "winograd_memory", None) is not None:
+        weights["winograd_memory"] = int(args.winograd_memory * 2**30)
     if args.ckpt is None:
         model = load_embedded(kind or EMBEDDED_COMMANDS.get(args.command), device=device, **weights)
     else:

@@ -205,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
     ranks = join(device)
     try:
         check(config, ranks)
-        model = load(args.ckpt, device=device, dtype=torch.float32)
+        # direct convolutions: the weights change every step, Winograd's kept filters would go stale
+        model = load(args.ckpt, device=device, dtype=torch.float32, winograd_memory=0)
         path = finetune(model, config, ranks, progress=True, resume=args.resume)
     finally:
         leave(ranks)
