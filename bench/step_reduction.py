@@ -1,13 +1,15 @@
 """Fewer network evaluations, measured: each option's speed-up and its fidelity cost on the embedded
 model's evaluator (``openldm eval``'s scenes, scorer and noise), against the full computation.
 
-Options measured (each a row): ``cfg_end`` (guidance for the first fraction of the steps only), and the
-full computation at fewer steps, to compare at equal wall time. For each row: seconds for all the
+Options measured (each a row): ``cfg_end`` (guidance for the first fraction of the steps only), the
+full computation at fewer steps, to compare at equal wall time, and the LCM sampler at a few steps (on
+this model, which is not a consistency model: what the sampler alone costs; an LCM-LoRA would be
+distilled for it). For each row: seconds for all the
 evaluator's images (generation only, the same for every row), the speed-up over the first row, and
 the seen/held-out scores (colour, kind, position, count, scene; percent).
 
 Run: ``python bench/step_reduction.py [--n 64] [--steps 25] [--cfg-ends 1 0.8 0.6 0.4]
-[--step-list 20 15] [--threads 2]``. About 5-10 minutes on 2 cores at the defaults.
+[--step-list 20 15] [--lcm-steps 8 4] [--threads 2]``. About 5-10 minutes on 2 cores at the defaults.
 """
 
 from __future__ import annotations
@@ -44,27 +46,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cfg-ends", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.4])
     parser.add_argument("--step-list", type=int, nargs="+", default=[20, 15])
+    parser.add_argument("--lcm-steps", type=int, nargs="*", default=[8, 4])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     peers.set_threads(args.threads)
     model = openldm.load()
-    rows = [(args.steps, end) for end in args.cfg_ends] + [(steps, 1.0) for steps in args.step_list]
+    rows = [(SAMPLER, args.steps, end) for end in args.cfg_ends]
+    rows += [(SAMPLER, steps, 1.0) for steps in args.step_list]
+    rows += [("lcm", steps, 1.0) for steps in args.lcm_steps]
     header = " | ".join(f"{s} {m}" for s in SETS for m in METRICS)
-    print(f"| steps | cfg_end | seconds | speed-up | {header} |")
-    print("|---|---|---|---|" + "---|" * len(SETS) * len(METRICS))
+    print(f"| sampler | steps | cfg_end | seconds | speed-up | {header} |")
+    print("|---|---|---|---|---|" + "---|" * len(SETS) * len(METRICS))
     first = None
-    for steps, end in rows:
+    for sampler, steps, end in rows:
         generate = generator(model, end)
         start = time.perf_counter()
         scores = score_settings(
-            generate, [Setting(SAMPLER, steps, GUIDANCE)], args.n, SEED, args.batch_size, False
+            generate, [Setting(sampler, steps, GUIDANCE)], args.n, SEED, args.batch_size, False
         )
         seconds = time.perf_counter() - start
         first = first or seconds
         (result,) = scores.values()
         cells = " | ".join(f"{100 * result[s][m]:.1f}" for s in SETS for m in METRICS)
-        print(f"| {steps} | {end:g} | {seconds:.1f} | {first / seconds:.2f} | {cells} |", flush=True)
+        line = f"| {sampler} | {steps} | {end:g} | {seconds:.1f} | {first / seconds:.2f} | {cells} |"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

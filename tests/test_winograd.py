@@ -2,10 +2,11 @@
 (relative to the output's largest value, F(2x2): 3e-7 found, 2e-6 allowed, closer than the direct fp32
 convolution's 9e-7; F(4x4), whose interpolation points +-2 cost a few bits: 5e-6 found, 2e-5
 allowed), for odd and non-square maps, with bias, a band at a time (equal within the BLAS's summation
-order); layers keep transformed filters within their budget, remake them when the weights change in
-place (a LoRA) and run directly when the budget is spent or a gradient is wanted; a UNet of SD widths
-equals diffusers' within the UNet tests' tolerance; loading gives a fp32 model a budget and a fp16-kept
-one none, and a ControlNet shares its model's."""
+order); layers keep transformed filters within their budget (a generation's memory check leaves room
+for those not yet made), remake them when the weights change in place (a LoRA) and run directly when
+the budget is spent or a gradient is wanted; a UNet of SD widths equals diffusers' within the UNet
+tests' tolerance; loading gives a fp32 model a budget and a fp16-kept one none, and a ControlNet
+shares its model's."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from openldm.nn.winograd import (
     use_winograd,
     winograd_budget_of,
     winograd_conv3x3,
+    winograd_reserve,
 )
 from tests.helpers import assert_close_rel
 
@@ -91,6 +93,21 @@ def test_layer_keeps_its_filters_and_follows_weight_changes() -> None:
         small = torch.randn(1, 320, 6, 10)  # under 16 on a side: F(2x2), 4x4 filters
         fast(small)
         assert budget.used == 16 * 320 * 320 * 4
+
+
+def test_reserve_is_what_unmade_filters_may_still_take() -> None:
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(320, 320, 3, padding=1), torch.nn.Conv2d(320, 320, 3, padding=1)
+    )
+    use_winograd(network, WinogradBudget(2**30))
+    assert winograd_reserve(network) == 2 * 36 * 320 * 320 * 4
+    with torch.no_grad():
+        network(torch.randn(1, 320, 16, 16))
+    assert winograd_reserve(network) == 0
+    tight = torch.nn.Sequential(torch.nn.Conv2d(320, 320, 3, padding=1))
+    use_winograd(tight, WinogradBudget(1000))
+    assert winograd_reserve(tight) == 1000  # no more than the budget
+    assert winograd_reserve(torch.nn.Sequential(torch.nn.Conv2d(320, 320, 3, padding=1))) == 0
 
 
 def test_layer_runs_directly_without_budget_or_when_training() -> None:

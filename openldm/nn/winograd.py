@@ -242,6 +242,20 @@ def winograd_for(network: nn.Module, device: torch.device, memory: int | None = 
     return use_winograd(network, WinogradBudget(memory)) if memory > 0 else network
 
 
+def winograd_reserve(network: nn.Module) -> int:
+    """Bytes ``network``'s Winograd layers may still take for filters (F(4x4) sizes, within the
+    budget): memory a generation must leave free."""
+    budget = winograd_budget_of(network)
+    if budget is None:
+        return 0
+    unmade = sum(
+        36 * module.weight.shape[0] * module.weight.shape[1] * 4
+        for module in network.modules()
+        if isinstance(module, _WinogradConv2d) and module._winograd_kept is None
+    )
+    return max(0, min(unmade, budget.max_bytes - budget.used))
+
+
 def winograd_budget_of(network: nn.Module) -> WinogradBudget | None:
     """The budget :func:`use_winograd` gave ``network``, for networks that should share it."""
     return getattr(network, "winograd_budget", None)

@@ -28,6 +28,7 @@ from openldm.adapters.state import vae_hash
 from openldm.config import ModelSpec, Variant
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
 from openldm.nn.upcast import compute_dtype
+from openldm.nn.winograd import winograd_reserve
 from openldm.pipelines.control import ControlledUNet, PreparedControl
 from openldm.pipelines.memory import Request, check_memory
 from openldm.pipelines.options import CONTROL_MODE_NAMES, PRECISIONS, Callback, GenerationOptions
@@ -140,7 +141,7 @@ def check_request_memory(
         decode=output_type != "latent",
         element_bytes=activation_bytes(model, precision),
     )
-    check_memory(model.spec, request, device_of(model.unet))
+    check_memory(model.spec, request, device_of(model.unet), winograd_reserve(model.unet))
 
 
 # --- seeds and noise ---------------------------------------------------------------------------
@@ -312,10 +313,9 @@ class Sampling:
             if self.callback is not None:
                 self.callback(i, total, latent, x0)
 
+        options = {**self.options, **({"schedule": schedule} if self.info.takes_schedule else {})}
         with autocast(device_of(model.unet), self.precision):
-            x = self.info.fn(
-                x0_float, x, self.sigmas, generator=self.generator, callback=step, **self.options
-            )
+            x = self.info.fn(x0_float, x, self.sigmas, generator=self.generator, callback=step, **options)
         check_latents(x, self.precision)
         return x
 

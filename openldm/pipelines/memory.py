@@ -147,16 +147,20 @@ def estimate(spec: ModelSpec, request: Request, device: torch.device) -> Estimat
     )
 
 
-def check_memory(spec: ModelSpec, request: Request, device: torch.device) -> Estimate:
-    """Raise :class:`InsufficientMemoryError` when ``request`` cannot fit in ``device``'s free memory."""
+def check_memory(spec: ModelSpec, request: Request, device: torch.device, reserved: int = 0) -> Estimate:
+    """Raise :class:`InsufficientMemoryError` when ``request`` cannot fit in ``device``'s free memory,
+    less ``reserved`` bytes the model may still take (Winograd filters not yet made)."""
     needed = estimate(spec, request, device)
     free = available_memory(device)
+    free = None if free is None else free - reserved
     if free is not None and needed.peak > free:
         height, width = request.image
+        kept = f" once the Winograd convolutions keep {_gib(reserved)} (--winograd-memory 0: none)"
         raise InsufficientMemoryError(
             f"this request needs about {needed.describe()} of memory for {request.batch} image(s) of "
-            f"{width}x{height} at a time, but {device.type} has {_gib(free)} available; ask for fewer "
-            "images at a time (n_samples) or smaller ones (width, height)"
+            f"{width}x{height} at a time, but {device.type} has {_gib(free)} available"
+            f"{kept if reserved else ''}; ask for fewer images at a time (n_samples) or smaller ones "
+            "(width, height)"
         )
     return needed
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from openldm.sampling.dpm_solver import multistep_sigmas, sample_dpmpp_2m, sample_dpmpp_2m_sde
+from openldm.sampling.lcm import lcm_sigmas, sample_lcm
 from openldm.sampling.schedule import NoiseSchedule, Spacing
 from openldm.sampling.unipc import sample_unipc
 
@@ -274,6 +275,11 @@ class SamplerInfo:
         """Whether the sampler takes an ``eta`` (DDIM's, the ancestral samplers' noise amount)."""
         return "eta" in inspect.signature(self.fn).parameters
 
+    @property
+    def takes_schedule(self) -> bool:
+        """Whether the sampler needs the noise schedule (to tell each sigma's timestep: LCM)."""
+        return "schedule" in inspect.signature(self.fn).parameters
+
     def sigmas(
         self, schedule: NoiseSchedule, steps: int, spacing: Spacing | None = None, karras: bool = False
     ) -> torch.Tensor:
@@ -306,6 +312,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
         schedule_fn=multistep_sigmas,
     ),
     "unipc": SamplerInfo(sample_unipc, "UniPC", "leading", _unit_ddpm_start, schedule_fn=multistep_sigmas),
+    "lcm": SamplerInfo(
+        sample_lcm, "LCM", "leading", _unit_ddpm_start, stochastic=True, schedule_fn=lcm_sigmas
+    ),
 }
 
 
