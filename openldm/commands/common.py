@@ -51,6 +51,7 @@ OPTION_FLAGS = {
     "negative_prompt": "--negative-prompt",
     "clip_skip": "--clip-skip",
     "cfg_end": "--cfg-end",
+    "feature_reuse": "--feature-reuse",
 }
 _OPTION_WORDS = {"guidance_scale": "guidance scale"}
 
@@ -229,6 +230,7 @@ def generation_options(
         "precision": precision,
         "clip_skip": args.clip_skip,
         "cfg_end": args.cfg_end,
+        "feature_reuse": args.feature_reuse,
         "hires": hires_option(args),
     }
     try:

@@ -103,6 +103,14 @@ def sampling_flags(flags: Flags, *, steps: int, n_iter: int, n_samples: int, sca
         "instead of two (e.g. 0.8: the last 20%% of the steps about half as costly; default: 1, all)",
     )
     flags.add(
+        "--feature-reuse",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the whole UNet every N-th step and only its outermost blocks between, on the deep "
+        "features of the last whole step (DeepCache; e.g. 3; default: 1, every step whole)",
+    )
+    flags.add(
         "--seed", type=int, default=42, help="the seed (for reproducible sampling; default: %(default)s)"
     )
     flags.add("--no-weighting", action="store_true", help="read (word:1.3), (word), [word] as plain text")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,51 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+@dataclass
+class FeatureReuse:
+    """DeepCache-style feature reuse (Ma et al. 2024, "DeepCache: Accelerating Diffusion Models for
+    Free"): the UNet's deep features change little from one step to the next, so a full call every
+    ``interval`` calls keeps the feature that enters the output block taking input block ``branch``'s
+    skip, and the calls between run only input blocks 0..``branch`` and the output blocks from there on,
+    starting from the kept feature (at branch 0 on SD 1.5: the first convolution and the last output
+    block). The state of one sampling run: :meth:`start_call` before each UNet call."""
+
+    interval: int
+    branch: int = 0
+    deep: torch.Tensor | None = None
+    calls: int = 0
+
+    def start_call(self, batch: int) -> None:
+        """Forget the kept feature when this call is to be a full one (every ``interval``-th, and when the
+        batch changed: guidance stopped by ``cfg_end``)."""
+        if self.calls % self.interval == 0 or (self.deep is not None and self.deep.shape[0] != batch):
+            self.deep = None
+        self.calls += 1
+
+
+class FeatureReusingUNet(nn.Module):
+    """``unet(x, t, context, ...)`` with :class:`FeatureReuse` at ``interval`` (one sampling run)."""
+
+    def __init__(self, unet: UNetModel, interval: int, branch: int = 0) -> None:
+        super().__init__()
+        if not 0 <= branch < len(unet.input_blocks):
+            raise ValueError(
+                f"branch {branch} is not an input block of this UNet (0..{len(unet.input_blocks) - 1})"
+            )
+        self.unet = unet
+        self.state = FeatureReuse(interval, branch)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        **extra: torch.Tensor,
+    ) -> torch.Tensor:
+        self.state.start_call(x.shape[0])
+        return self.unet(x, timesteps, context, reuse=self.state, **extra)
+
+
 class UNetModel(nn.Module):
     """The UNet, built from a :class:`~openldm.config.UNetConfig`.
 
@@ -226,6 +272,7 @@ class UNetModel(nn.Module):
         y: torch.Tensor | None = None,
         control: Sequence[torch.Tensor] | None = None,
         features: Sequence[torch.Tensor] | None = None,
+        reuse: FeatureReuse | None = None,
     ) -> torch.Tensor:
         """Predict noise (or v) for latents ``x`` (B, C, H, W) at ``timesteps`` (B,).
 
@@ -234,7 +281,9 @@ class UNetModel(nn.Module):
         vector for ``num_classes="sequential"`` (unCLIP's image embedding). ``control``: residuals
         added to each skip connection and, last, to the middle block's output (a ControlNet's).
         ``features``: one map per level, added to the output of the level's last input block, which the
-        next blocks and the skip connection then see (a T2I-Adapter's).
+        next blocks and the skip connection then see (a T2I-Adapter's). ``reuse``: DeepCache-style
+        feature reuse (:class:`FeatureReuse`): a full call keeps the deep feature at its branch, a call
+        with one kept runs only the shallow blocks around it.
         """
         if context is None:
             raise ValueError("the UNet needs a context tensor (B, N, context_dim) for its cross-attention")
@@ -263,19 +312,32 @@ class UNetModel(nn.Module):
                 f"features has {len(features)} maps; this UNet has {len(self.level_ends)} levels"
             )
         added = dict(zip(self.level_ends, features or (), strict=False))
+        # Feature reuse: only the input blocks up to the branch, then the deep feature kept from an
+        # earlier call goes on through the output blocks that take those blocks' skips.
+        shallow = reuse is not None and reuse.deep is not None
+        count = len(self.input_blocks)
         skips = []
-        for index, block in enumerate(self.input_blocks):
+        for index, block in enumerate(
+            self.input_blocks[: reuse.branch + 1] if shallow else self.input_blocks
+        ):
             h = run(block, h, emb, context)
             if index in added:
                 h = h + added[index].to(h.dtype)
             skips.append(h)
-        h = run(self.middle_block, h, emb, context)
+        if shallow and control is not None:
+            raise ValueError(
+                "feature reuse takes no ControlNet residuals: its shallow calls skip their blocks"
+            )
+        h = reuse.deep if shallow else run(self.middle_block, h, emb, context)
         if control is not None:
             if len(control) != len(skips) + 1:
                 raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(skips) + 1}")
             h = h + control[-1].to(h.dtype)
             skips = [skip + residual.to(skip.dtype) for skip, residual in zip(skips, control, strict=False)]
-        for block in self.output_blocks:
+        first = count - 1 - reuse.branch if shallow else 0
+        for index, block in enumerate(self.output_blocks[first:], start=first):
+            if reuse is not None and not shallow and index == count - 1 - reuse.branch:
+                reuse.deep = h
             h = torch.cat([h, skips.pop()], dim=1)
             h = run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h).to(x.dtype)

@@ -27,6 +27,7 @@ from openldm.adapters.patcher import Source
 from openldm.adapters.state import vae_hash
 from openldm.config import ModelSpec, Variant
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
+from openldm.nn.unet import FeatureReusingUNet
 from openldm.nn.upcast import compute_dtype
 from openldm.nn.winograd import winograd_reserve
 from openldm.pipelines.control import ControlledUNet, PreparedControl
@@ -281,12 +282,15 @@ class Sampling:
     extra_uncond: dict[str, torch.Tensor] | None = None
     controls: list[PreparedControl] | None = None
     cfg_end: float = 1.0
+    feature_reuse: int = 1
 
     def __call__(self, x: torch.Tensor, hook: DenoiserHook | None = None) -> torch.Tensor:
         model = self.model
         dtype = dtype_of(model.unet)
         schedule = NoiseSchedule(model.spec.schedule)
-        unet: nn.Module = model.unet
+        unet: nn.Module = (
+            model.unet if self.feature_reuse == 1 else FeatureReusingUNet(model.unet, self.feature_reuse)
+        )
         extra_cond, extra_uncond = self.extra_cond, self.extra_uncond
         if self.controls:
             unet = ControlledUNet(model.unet, self.controls, schedule, self.sigmas)
@@ -417,6 +421,7 @@ def run_settings(
         "Schedule type": "Karras" if options.karras else None,
         "CFG scale": options.guidance_scale,
         "CFG end": options.cfg_end if options.cfg_end < 1 else None,
+        "Feature reuse": options.feature_reuse if options.feature_reuse > 1 else None,
         "Seed": seed,
         "Size": f"{width}x{height}",
         "Model": model_name(model),

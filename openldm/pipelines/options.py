@@ -116,7 +116,9 @@ class GenerationOptions:
     images, arrays or tensors in [0, 1], or "latent" (no decoding). ``callback`` runs after every step;
     ``progress`` shows a bar. ``clip_skip``: the web UI's clip skip, 1 uses the text encoder's last
     layer, N the output of the N-th layer from the end (then its final layer norm). ``cfg_end``: the
-    fraction of the steps that are guided (the rest run the conditional half only). ``controls``: the
+    fraction of the steps that are guided (the rest run the conditional half only). ``feature_reuse``: N
+    runs the whole UNet every N-th call and only its outermost blocks between, on the deep feature kept
+    from the last whole call (DeepCache; 1: off). ``controls``: the
     ControlNets that guide the run (:class:`Control`). ``hires``: the hires fix (txt2img only).
     """
 
@@ -142,6 +144,7 @@ class GenerationOptions:
     progress: bool = True
     clip_skip: int = 1
     cfg_end: float = 1.0
+    feature_reuse: int = 1
     controls: tuple[Control, ...] = ()
     hires: Hires | None = None
 
@@ -149,7 +152,7 @@ class GenerationOptions:
         prompts = _prompts("prompt", self.prompt)
         object.__setattr__(self, "prompt", prompts)
         object.__setattr__(self, "negative_prompt", _negatives(self.negative_prompt, len(prompts)))
-        for name in ("steps", "n_samples", "n_iter", "clip_skip"):
+        for name in ("steps", "n_samples", "n_iter", "clip_skip", "feature_reuse"):
             _whole(name, getattr(self, name), low=1)
         for name in ("width", "height"):  # their range depends on the model (multiples of its VAE factor)
             value = getattr(self, name)
@@ -192,6 +195,11 @@ class GenerationOptions:
             )
         if self.noise is not None and not isinstance(self.noise, torch.Tensor):
             raise OptionError("noise", f"noise must be a tensor, got {type(self.noise).__name__}")
+        if self.feature_reuse > 1 and self.controls:
+            raise OptionError(
+                "feature_reuse",
+                "feature_reuse does not combine with ControlNets (their residuals need every block)",
+            )
 
     def _check_eta(self) -> None:
         if self.eta is None:
@@ -249,6 +257,7 @@ class OptionFields(TypedDict, total=False):
     progress: bool
     clip_skip: int
     cfg_end: float
+    feature_reuse: int
     controls: tuple[Control, ...]
     hires: Hires | None
 

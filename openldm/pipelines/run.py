@@ -130,6 +130,7 @@ class Run:
             extra_uncond,
             prepare_controls(options.controls, self.size) if options.controls else None,
             options.cfg_end,
+            options.feature_reuse,
         )
         return sampling(x, hook)
 
