@@ -195,3 +195,15 @@ def test_negative_memory_flag_is_refused_before_loading() -> None:
     )
     with pytest.raises(UsageError, match="--winograd-memory -1 is not a size"):
         check_model_flags(args)
+
+
+def test_server_flag_gives_the_budget(tiny_checkpoint) -> None:
+    from openldm.cli import build_parser
+    from openldm.server.command import make_loader
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--winograd-memory", "0.5"])
+    model = make_loader(args)(str(tiny_checkpoint))
+    assert model.unet.winograd_budget.max_bytes == 2**29
+    with pytest.raises(SystemExit):
+        parser.parse_args(["worker", "--redis", "redis://x", "--winograd-memory", "-1"])

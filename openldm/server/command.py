@@ -79,6 +79,23 @@ def _model_flags(add: Any, ckpt_dir: str) -> None:
         help="where the ControlNet units of requests find their models, by name (repeatable)",
     )
     add("--device", help="cpu, cuda, mps... (default: cuda, else mps, else cpu)")
+    add(
+        "--winograd-memory",
+        type=_gigabytes,
+        metavar="GB",
+        help="on a CPU, memory each loaded model's UNet may keep as Winograd filters (0: none; default: "
+        "half the free memory with fp32 weights, 0 with fp16 weights kept)",
+    )
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in GB (0 for none)")
+    return value
 
 
 def _checkpoints(folder: str | None) -> dict[str, Path]:
@@ -107,7 +124,9 @@ def make_loader(args: argparse.Namespace, by_name: bool = False) -> Any:
             if found is None:
                 raise FileNotFoundError(f"checkpoint {checkpoint!r} is not in this worker's --ckpt-dir")
             checkpoint = str(found)
-        model = load(checkpoint, device=device)
+        gigabytes = getattr(args, "winograd_memory", None)
+        memory = None if gigabytes is None else int(gigabytes * 2**30)
+        model = load(checkpoint, device=device, winograd_memory=memory)
         for folder in args.lora_dir:
             model.add_lora_dir(folder)
         for folder in args.controlnet_dir:
