@@ -1,7 +1,8 @@
 """DeepCache-style feature reuse (``feature_reuse``, ``openldm.nn.unet.FeatureReuse``): a shallow call
-given the deep feature its own full call kept returns that call's output exactly (the same blocks on
-the same inputs), at every branch; a run of N steps at interval 3 makes ceil(N / 3) whole UNet calls and
-an image near the whole computation's; the option is checked and written in the PNG parameters."""
+given the deep feature its own full call kept returns that call's output (the same blocks on the same
+inputs: equal here, 1e-6 allowed), at every branch; a run of N steps at interval 3 makes ceil(N / 3)
+whole UNet calls and an image near the whole computation's; the option is checked and written in the
+PNG parameters."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import openldm
 from openldm.nn.unet import FeatureReuse, FeatureReusingUNet, UNetModel
 from openldm.pipelines.options import Control, GenerationOptions, OptionError
+from tests.helpers import assert_close_rel
 from tests.tiny import TINY
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -35,7 +37,7 @@ def test_shallow_call_on_its_own_deep_feature_is_the_full_call(branch: int) -> N
         shallow = unet(x, t, context, reuse=state)
         other = unet(x, torch.tensor([700.0, 700.0]), context, reuse=state)
     assert full.abs().max() > 1e-2
-    assert torch.equal(shallow, full)
+    assert_close_rel(shallow, full, tol=1e-6)  # the same blocks on the same inputs (equal here)
     assert not torch.allclose(other, full)  # the shallow blocks do see the new timestep
 
 

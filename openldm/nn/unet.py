@@ -315,7 +315,8 @@ class UNetModel(nn.Module):
         # Feature reuse: only the input blocks up to the branch, then the deep feature kept from an
         # earlier call goes on through the output blocks that take those blocks' skips.
         shallow = reuse is not None and reuse.deep is not None
-        count = len(self.input_blocks)
+        # the output block taking the branch's skip: where a full call keeps h, a shallow one resumes
+        resume = len(self.output_blocks) - 1 - reuse.branch if reuse is not None else -1
         skips = []
         for index, block in enumerate(
             self.input_blocks[: reuse.branch + 1] if shallow else self.input_blocks
@@ -334,9 +335,9 @@ class UNetModel(nn.Module):
                 raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(skips) + 1}")
             h = h + control[-1].to(h.dtype)
             skips = [skip + residual.to(skip.dtype) for skip, residual in zip(skips, control, strict=False)]
-        first = count - 1 - reuse.branch if shallow else 0
+        first = resume if shallow else 0
         for index, block in enumerate(self.output_blocks[first:], start=first):
-            if reuse is not None and not shallow and index == count - 1 - reuse.branch:
+            if reuse is not None and not shallow and index == resume:
                 reuse.deep = h
             h = torch.cat([h, skips.pop()], dim=1)
             h = run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)

@@ -67,14 +67,19 @@ _MATRICES: dict[int, tuple[list[list[float]], list[list[float]], list[list[float
 
 
 @functools.cache
-def _kron(tile: TileSize, which: int) -> torch.Tensor:
+def _kron(tile: TileSize, which: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A transform acting on a tile flattened row by row: kron(M, M) of one of the three matrices."""
     matrix = torch.tensor(_MATRICES[tile][which], dtype=torch.float64)
-    return torch.kron(matrix, matrix)
+    return torch.kron(matrix, matrix).to(device, dtype)
 
 
 def _transform(tile: TileSize, which: int, like: torch.Tensor) -> torch.Tensor:
-    return _kron(tile, which).to(like.device, like.dtype)
+    return _kron(tile, which, like.dtype, like.device)
+
+
+def filter_bytes(weight: torch.Tensor, tile: TileSize, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the transformed filters of ``weight`` (out, in, 3, 3) for ``tile``, in ``dtype``."""
+    return (tile + 2) ** 2 * weight.shape[0] * weight.shape[1] * torch.finfo(dtype).bits // 8
 
 
 def transform_filters(weight: torch.Tensor, tile: TileSize) -> torch.Tensor:
@@ -184,7 +189,7 @@ class _WinogradConv2d(nn.Conv2d):
         if kept is not None:
             self.winograd_budget.give_back(kept[1].nbytes)
             self._winograd_kept = None
-        nbytes = (tile + 2) ** 2 * weight.shape[0] * weight.shape[1] * torch.finfo(dtype).bits // 8
+        nbytes = filter_bytes(weight, tile, dtype)
         if not self.winograd_budget.take(nbytes):
             return None
         with torch.no_grad():
@@ -229,9 +234,8 @@ def default_winograd_memory(network: nn.Module, device: torch.device) -> int:
     """The budget a loaded network gets unless told: half the memory free now when it computes on a
     CPU in its stored fp32 weights; 0 when its weights are kept in half precision to save memory, or
     on another device."""
-    if device.type != "cpu" or compute_dtype(network) != torch.float32:
-        return 0
-    if next(network.parameters()).dtype != torch.float32:
+    stored = next(network.parameters()).dtype
+    if device.type != "cpu" or stored != torch.float32 or compute_dtype(network) != stored:
         return 0
     return (available_memory(device) or 0) // 2
 
@@ -249,7 +253,7 @@ def winograd_reserve(network: nn.Module) -> int:
     if budget is None:
         return 0
     unmade = sum(
-        36 * module.weight.shape[0] * module.weight.shape[1] * 4
+        filter_bytes(module.weight, 4)
         for module in network.modules()
         if isinstance(module, _WinogradConv2d) and module._winograd_kept is None
     )
