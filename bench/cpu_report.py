@@ -9,9 +9,11 @@ of this folder, run in turn in its own process, its output printed as it comes.
 4. ``sample_embedded.py``: the embedded model's seconds per image against diffusers, and the time
    from ``openldm txt2img`` to its PNG (start-up);
 5. ``step_reduction.py``: the step-reduction options' speed-ups and fidelity on the embedded model's
-   evaluator.
+   evaluator;
+6. ``vae_bands.py``: large images through the VAE by bands against the whole-image VAE and diffusers'
+   tiling (seconds, peak memory, difference).
 
-Run: ``python bench/cpu_report.py [--threads 2] [--only unet pipelines embedded steps]``. About 1.5
+Run: ``python bench/cpu_report.py [--threads 2] [--only unet pipelines embedded steps vae]``. About 2
 hours on 2 cores with 24 GB; ``--quick`` runs each part at its smallest useful size (minutes, a check
 of the scripts, not numbers to quote).
 """
@@ -34,6 +36,7 @@ PARTS: dict[str, list[list[str]]] = {
     "pipelines": [["pipelines_full_size.py"]],
     "embedded": [["sample_embedded.py", "--samplers", "ddim", "--steps", "25", "--batch", "1"]],
     "steps": [["step_reduction.py"]],
+    "vae": [["vae_bands.py"]],
 }
 QUICK: dict[str, list[list[str]]] = {
     "unet": [["unet_step.py", "--variant", "winograd", "--size", "256", "--repeats", "1"]],
@@ -43,8 +46,15 @@ QUICK: dict[str, list[list[str]]] = {
         + ["--check-steps", "2", "--cli-repeats", "1"]
     ],
     "steps": [["step_reduction.py", "--n", "16", "--step-list", "15", "--cfg-ends", "1.0", "0.6"]],
+    "vae": [["vae_bands.py", "--quick"]],
 }
-THREADED = {"unet_step.py", "pipelines_full_size.py", "sample_embedded.py", "step_reduction.py"}
+THREADED = {
+    "unet_step.py",
+    "pipelines_full_size.py",
+    "sample_embedded.py",
+    "step_reduction.py",
+    "vae_bands.py",
+}
 
 
 def main() -> int:

@@ -23,7 +23,8 @@ does on a CPU with fp32 weights, :mod:`openldm.nn.winograd`; ``channels_last``, 
 The floor counts the direct convolutions' FLOPs, so Winograd's fewer multiplications can pass it.
 
 Run: ``python bench/unet_step.py [--preset sd15] [--size 512] [--repeats 5] [--threads 2]
-[--variant none|winograd|channels_last|compile] [--no-diffusers]``. About 3-5 minutes on 2 cores.
+[--variant none|winograd|channels_last|compile] [--no-diffusers] [--token-merging 0.5]``. About 3-5
+minutes on 2 cores (``--token-merging`` adds openldm with token merging and diffusers patched by tomesd).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pipelines_full_size import random_state_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 from openldm.config import preset
+from openldm.nn.token_merging import merging_tokens
 from openldm.nn.unet import UNetModel
 from openldm.nn.winograd import WINOGRAD_RECORD, winograd_for
 
@@ -127,6 +129,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", default="none", choices=["none", "winograd", "channels_last", "compile"])
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument(
+        "--token-merging",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="also time openldm with token merging at RATIO (and diffusers patched by tomesd, same weights)",
+    )
     args = parser.parse_args()
     peers.set_threads(args.threads)
 
@@ -152,6 +161,24 @@ def main() -> None:
     if not args.no_diffusers:
         theirs = peers.diffusers_unet(spec, sd).eval()
         calls["diffusers"] = lambda: theirs(x, t, encoder_hidden_states=context).sample
+    if args.token_merging:
+        ratio = args.token_merging
+
+        def merged() -> Any:
+            with merging_tokens(ratio, (side, side), torch.Generator().manual_seed(0)):
+                return runner(x, t, context)
+
+        calls["openldm+tome"] = merged
+        if not args.no_diffusers:
+            import tomesd
+
+            patched = peers.diffusers_unet(spec, sd).eval()  # the same weight tensors, not a copy
+            tomesd.apply_patch(patched, ratio=ratio)
+            calls["diffusers+tomesd"] = lambda: patched(x, t, encoder_hidden_states=context).sample
+        with torch.no_grad():
+            whole, near = runner(x, t, context), merged()
+        distance = ((near - whole).norm() / whole.norm()).item()
+        print(f"token merging {ratio:g}: output's relative L2 distance to the whole one {distance:.4f}")
 
     rate = sgemm_rate()
     floor = flops / rate
@@ -170,6 +197,10 @@ def main() -> None:
         print(f"{name:10s} {seconds:6.2f} s per guided step ({seconds / floor:.2f}x the floor)")
     if "diffusers" in medians:
         print(f"openldm / diffusers: {medians['openldm'] / medians['diffusers']:.2f}")
+    if "openldm+tome" in medians:
+        print(f"token merging speed-up: {medians['openldm'] / medians['openldm+tome']:.2f}x")
+    if "diffusers+tomesd" in medians:
+        print(f"openldm+tome / diffusers+tomesd: {medians['openldm+tome'] / medians['diffusers+tomesd']:.2f}")
 
     print("\n| category | " + " | ".join(f"{n} s | {n} %" for n in calls) + " |")
     print("|---|" + "---|---|" * len(calls))

@@ -18,6 +18,7 @@ from openldm.images import parse_parameters
 from openldm.model import StableDiffusion
 from openldm.pipelines import common
 from openldm.pipelines.common import NonFiniteOutputError
+from openldm.pipelines.options import GenerationOptions
 from openldm.sampling.samplers import SAMPLERS
 from tests.helpers import assert_close_rel
 from tests.oracles import Pair, diffusers_pair
@@ -228,7 +229,7 @@ def test_reduced_precision_vae_nan_is_retried_in_fp32(pairs, monkeypatch) -> Non
     out = _small(model, output_type="pt", precision="bf16")
     assert torch.isfinite(out.images).all()
     # The UNet ran in bf16 (not the same latents), the decode in fp32: it equals an fp32 decode of them.
-    redone = common.decode(model, out.latents, None)
+    redone = common.decode(model, out.latents, GenerationOptions("fp32 decode"))  # precision None: as loaded
     assert torch.allclose(out.images, ((redone + 1) / 2).clamp(0, 1), atol=1e-6)
     # How far bf16 sampling lands from fp32 depends on the CPU's bf16 kernels (a random tiny UNet amplifies
     # rounding), so the latents are compared with the same bf16 run: the retry touched only the decode.

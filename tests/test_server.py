@@ -155,6 +155,10 @@ def test_txt2img_through_webuiapi_is_the_python_api_image(api) -> None:
     ours = openldm.load().txt2img(PROMPT, sampler="euler_a", n_samples=2, progress=False, **options)
     difference = np.abs(np.asarray(ours.images[1], dtype=int) - np.asarray(result.images[1], dtype=int))
     assert difference.max() <= 1  # the same computation in another process (threads may round apart)
+    merged = api.txt2img(
+        prompt=PROMPT, width=64, height=64, seed=3, override_settings={"token_merging_ratio": 0.5}
+    )
+    assert "Token merging ratio: 0.5" in merged.info["infotexts"][0]
 
 
 def test_img2img_inpainting_png_info_samplers_and_models(api, server) -> None:
@@ -303,6 +307,8 @@ def test_bad_requests_are_refused_with_their_field(server) -> None:
     assert field_of(post("/sdapi/v1/txt2img", {"prompt": "x", "width": 500})) == "width"
     assert field_of(post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 0})) == "steps"
     assert field_of(post("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Banana"})) == "sampler_name"
+    ratio = {"prompt": "x", "override_settings": {"token_merging_ratio": 1.5}}
+    assert field_of(post("/sdapi/v1/txt2img", ratio)) == "token_merging"
     assert field_of(post("/sdapi/v1/img2img", {"init_images": ["not base64!"]})) == "init_images"
     huge = Image.new("L", (10_000, 10_000))  # 100 megapixels, a few hundred KB as a PNG
     response = post("/sdapi/v1/img2img", {"init_images": [_png_b64(huge)]})

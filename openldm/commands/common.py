@@ -52,6 +52,8 @@ OPTION_FLAGS = {
     "clip_skip": "--clip-skip",
     "cfg_end": "--cfg-end",
     "feature_reuse": "--feature-reuse",
+    "token_merging": "--token-merging",
+    "vae_tiling": "--vae-tiling",
 }
 _OPTION_WORDS = {"guidance_scale": "guidance scale"}
 
@@ -231,6 +233,8 @@ def generation_options(
         "clip_skip": args.clip_skip,
         "cfg_end": args.cfg_end,
         "feature_reuse": args.feature_reuse,
+        "token_merging": args.token_merging,
+        "vae_tiling": args.vae_tiling,
         "hires": hires_option(args),
     }
     try:

@@ -111,6 +111,22 @@ def sampling_flags(flags: Flags, *, steps: int, n_iter: int, n_samples: int, sca
         "features of the last whole step (DeepCache; e.g. 3; default: 1, every step whole)",
     )
     flags.add(
+        "--token-merging",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="merge this fraction of the most similar tokens before each full-resolution self-attention "
+        "(ToMe for SD; e.g. 0.5; the web UI's token merging ratio; default: 0, off)",
+    )
+    flags.add(
+        "--vae-tiling",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="code images by bands of rows in bounded memory, with the whole image's statistics (no seams; "
+        "a 2048x2048 decode in under 4 GB): auto when the whole image would take more than half the free "
+        "memory (default), on, off",
+    )
+    flags.add(
         "--seed", type=int, default=42, help="the seed (for reproducible sampling; default: %(default)s)"
     )
     flags.add("--no-weighting", action="store_true", help="read (word:1.3), (word), [word] as plain text")

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openldm.nn import token_merging
+from openldm.nn.token_merging import Merge
+
 
 def multi_head_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, upcast: bool = False
@@ -124,8 +127,16 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, merge: tuple[Merge, Merge] | None = None
+    ) -> torch.Tensor:
+        """``merge``: token merging's (merge, unmerge) around the first attention (see
+        :mod:`openldm.nn.token_merging`)."""
+        first_context = context if self.disable_self_attn else None
+        if merge is None:
+            x = self.attn1(self.norm1(x), first_context) + x
+        else:
+            x = merge[1](self.attn1(merge[0](self.norm1(x)), first_context)) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -176,8 +187,12 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
         if self.use_linear:
             x = self.proj_in(x)
+        merging = token_merging.active(h, w)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            if merging is None:
+                x = block(x, context)
+            else:
+                x = block(x, context, token_merging.plan(x, h, w, merging.ratio, merging.generator))
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)

@@ -26,13 +26,16 @@ from openldm.adapters.embeddings import words_in
 from openldm.adapters.patcher import Source
 from openldm.adapters.state import vae_hash
 from openldm.config import ModelSpec, Variant
+from openldm.devices import available_memory
 from openldm.images import PARAMETERS_KEY, format_parameters, tensor_to_pil, to_unit
+from openldm.nn.token_merging import merging_tokens
 from openldm.nn.unet import FeatureReusingUNet
 from openldm.nn.upcast import compute_dtype
+from openldm.nn.vae_bands import decode_in_bands, encode_in_bands
 from openldm.nn.winograd import winograd_reserve
 from openldm.pipelines.control import ControlledUNet, PreparedControl
-from openldm.pipelines.memory import Request, check_memory
-from openldm.pipelines.options import CONTROL_MODE_NAMES, PRECISIONS, Callback, GenerationOptions
+from openldm.pipelines.memory import Request, check_memory, vae_bytes
+from openldm.pipelines.options import CONTROL_MODE_NAMES, PRECISIONS, Callback, GenerationOptions, VaeTiling
 from openldm.prompts import encode_prompts, lora_tags
 from openldm.sampling.denoiser import CFGDenoiser, Denoiser
 from openldm.sampling.samplers import SamplerInfo
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
     from openldm.tokenizer import CLIPTokenizer
 
 log = logging.getLogger("openldm")
+# What a banded VAE call may keep where the free memory cannot be told.
+BANDS_WITHOUT_FREE_MEMORY = 4 * 1024**3
 
 # Variants whose UNet takes the noisy latent alone (4 channels) and text: what txt2img/img2img drive.
 TEXT_TO_IMAGE_VARIANTS: tuple[Variant, ...] = ("sd1", "sd2")
@@ -125,6 +130,7 @@ def check_request_memory(
     encode: bool = False,
     latent: tuple[int, int] | None = None,
     piece: tuple[int, int] | None = None,
+    vae_tiling: VaeTiling = "off",
 ) -> None:
     """Refuse (:class:`~openldm.pipelines.memory.InsufficientMemoryError`) a request of ``images``
     images of ``width`` x ``height`` per repeat that cannot fit in the device's free memory, before
@@ -141,6 +147,7 @@ def check_request_memory(
         encode=encode,
         decode=output_type != "latent",
         element_bytes=activation_bytes(model, precision),
+        vae_tiling=vae_tiling,
     )
     check_memory(model.spec, request, device_of(model.unet), winograd_reserve(model.unet))
 
@@ -226,17 +233,35 @@ def strength_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.
 
 
 def encode_images(
-    model: Model, precision: str | None, pixels: torch.Tensor, generator: torch.Generator
+    model: Model, options: GenerationOptions, pixels: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] -> scaled latents (one posterior sample each) on the UNet's device."""
     pixels = pixels.to(device_of(model.vae))
-    return vae_call(
-        model,
-        precision,
-        "encoder",
-        lambda vae: vae.to_latent(pixels.to(dtype_of(vae)), generator=generator),
-        generator,
-    ).to(device_of(model.unet))
+    config = model.spec.vae
+    memory = band_memory(
+        model, options.vae_tiling, vae_bytes(config, len(pixels), pixels.shape[-2:], True, False)
+    )
+
+    def encode(vae: AutoencoderKL) -> torch.Tensor:
+        x = pixels.to(dtype_of(vae))
+        if memory is None:
+            return vae.to_latent(x, generator=generator)
+        return encode_in_bands(vae, x, memory).sample(generator) * vae.config.scale_factor
+
+    return vae_call(model, options.precision, "encoder", encode, generator).to(device_of(model.unet))
+
+
+def band_memory(model: Model, tiling: VaeTiling, whole: int) -> int | None:
+    """The bytes a VAE call coding by bands may keep, or None to code the whole image at once (a call
+    whose whole-image activations take ``whole`` bytes): half the free memory (4 GiB where it cannot be
+    told); with "auto" only when the whole image would not fit in that half."""
+    if tiling == "off":
+        return None
+    free = available_memory(device_of(model.vae))
+    budget = free // 2 if free is not None else BANDS_WITHOUT_FREE_MEMORY
+    if tiling == "auto" and (free is None or whole <= budget):
+        return None
+    return budget
 
 
 def sampling_sigmas(model: Model, info: SamplerInfo, steps: int, karras: bool) -> torch.Tensor:
@@ -283,6 +308,7 @@ class Sampling:
     controls: list[PreparedControl] | None = None
     cfg_end: float = 1.0
     feature_reuse: int = 1
+    token_merging: float = 0.0
 
     def __call__(self, x: torch.Tensor, hook: DenoiserHook | None = None) -> torch.Tensor:
         model = self.model
@@ -318,7 +344,10 @@ class Sampling:
                 self.callback(i, total, latent, x0)
 
         options = {**self.options, **({"schedule": schedule} if self.info.takes_schedule else {})}
-        with autocast(device_of(model.unet), self.precision):
+        # Token merging draws its destinations from a fork of the run's generator: the noise is unchanged.
+        fork = torch.Generator(self.generator.device).set_state(self.generator.get_state())
+        merging = merging_tokens(self.token_merging, tuple(x.shape[-2:]), fork)
+        with autocast(device_of(model.unet), self.precision), merging:
             x = self.info.fn(x0_float, x, self.sigmas, generator=self.generator, callback=step, **options)
         check_latents(x, self.precision)
         return x
@@ -388,12 +417,20 @@ def check_latents(latents: torch.Tensor, precision: str | None) -> None:
         raise NonFiniteOutputError(f"sampling produced NaN/inf latents (the UNet overflowed?); {hint}")
 
 
-def decode(model: Model, latents: torch.Tensor, precision: str | None) -> torch.Tensor:
+def decode(model: Model, latents: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1], float32 on the latents' device."""
     device = device_of(model.vae)
-    return vae_call(
-        model, precision, "decoder", lambda vae: vae.from_latent(latents.to(device, dtype_of(vae)))
-    )
+    config = model.spec.vae
+    image = tuple(side * config.downsampling_factor for side in latents.shape[-2:])
+    memory = band_memory(model, options.vae_tiling, vae_bytes(config, len(latents), image, False, True))
+
+    def decode(vae: AutoencoderKL) -> torch.Tensor:
+        z = latents.to(device, dtype_of(vae))
+        if memory is None:
+            return vae.from_latent(z)
+        return decode_in_bands(vae, z / vae.config.scale_factor, memory)
+
+    return vae_call(model, options.precision, "decoder", decode)
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -422,6 +459,7 @@ def run_settings(
         "CFG scale": options.guidance_scale,
         "CFG end": options.cfg_end if options.cfg_end < 1 else None,
         "Feature reuse": options.feature_reuse if options.feature_reuse > 1 else None,
+        "Token merging ratio": options.token_merging or None,
         "Seed": seed,
         "Size": f"{width}x{height}",
         "Model": model_name(model),

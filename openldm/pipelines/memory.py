@@ -27,6 +27,8 @@ import torch
 
 from openldm.config import ModelSpec, UNetConfig, VAEConfig
 from openldm.devices import available_memory
+from openldm.nn.vae_bands import least_bytes
+from openldm.pipelines.options import VaeTiling
 
 # Tensors of a block's width alive at its peak, per latent pixel (see the module docstring).
 TRANSFORMER_WORKING = 14
@@ -52,7 +54,8 @@ class Request:
     ``batch``: images per repeat (the UNet runs ``2 * batch`` rows with guidance); ``repeats``: how many
     batches whose decoded images are all kept; ``latent``: the UNet's (height, width) in latent pixels;
     ``image``: the output's (height, width) in pixels; ``piece``: what the VAE codes at once (default
-    ``image``; a tile when tiled); ``encode``: an init image is encoded too.
+    ``image``; a tile when tiled); ``encode``: an init image is encoded too; ``vae_tiling``: the VAE may
+    code by bands (see :class:`~openldm.pipelines.options.GenerationOptions`).
     """
 
     batch: int
@@ -64,6 +67,7 @@ class Request:
     encode: bool = False
     decode: bool = True
     element_bytes: int = 4
+    vae_tiling: VaeTiling = "off"
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,21 @@ def vae_bytes(config: VAEConfig, images: int, image: tuple[int, int], encode: bo
     return 4 * images * max(decoder, encoder)
 
 
-def estimate(spec: ModelSpec, request: Request, device: torch.device) -> Estimate:
-    """What ``request`` needs on ``device`` beyond the weights already loaded."""
+def banded_vae_bytes(
+    config: VAEConfig, images: int, image: tuple[int, int], encode: bool, decode: bool
+) -> int:
+    """The autoencoder coding by bands (:mod:`openldm.nn.vae_bands`) in its leanest way."""
+    factor = config.downsampling_factor
+    latent = (images, config.embed_dim, *(math.ceil(side / factor) for side in image))
+    pixels = (images, config.in_channels, *(math.ceil(side / factor) * factor for side in image))
+    decoder = least_bytes(config, latent, "decode") if decode else 0
+    encoder = least_bytes(config, pixels, "encode") if encode else 0
+    return max(decoder, encoder)
+
+
+def estimate(spec: ModelSpec, request: Request, device: torch.device, banded: bool = False) -> Estimate:
+    """What ``request`` needs on ``device`` beyond the weights already loaded (``banded``: with the
+    VAE coding by bands)."""
     rows = request.batch * (2 if request.guided else 1)
     element = request.element_bytes
     text = rows * spec.text.max_length * spec.text.width * 8 * element
@@ -139,7 +156,7 @@ def estimate(spec: ModelSpec, request: Request, device: torch.device) -> Estimat
     kept = request.batch * request.repeats * (4 * latent_values + IMAGE_BYTES_PER_VALUE * image_values)
     return Estimate(
         unet=unet_bytes(spec.unet, rows, request.latent, element, device.type == "mps"),
-        vae=vae_bytes(
+        vae=(banded_vae_bytes if banded else vae_bytes)(
             spec.vae, request.batch, request.piece or request.image, request.encode, request.decode
         ),
         text=text,
@@ -150,9 +167,9 @@ def estimate(spec: ModelSpec, request: Request, device: torch.device) -> Estimat
 def check_memory(spec: ModelSpec, request: Request, device: torch.device, reserved: int = 0) -> Estimate:
     """Raise :class:`InsufficientMemoryError` when ``request`` cannot fit in ``device``'s free memory,
     less ``reserved`` bytes the model may still take (Winograd filters not yet made)."""
-    needed = estimate(spec, request, device)
     free = available_memory(device)
     free = None if free is None else free - reserved
+    needed = estimate(spec, request, device, banded=_banded(spec, request, free))
     if free is not None and needed.peak > free:
         height, width = request.image
         kept = f" once the Winograd convolutions keep {_gib(reserved)} (--winograd-memory 0: none)"
@@ -163,6 +180,16 @@ def check_memory(spec: ModelSpec, request: Request, device: torch.device, reserv
             "(width, height)"
         )
     return needed
+
+
+def _banded(spec: ModelSpec, request: Request, free: int | None) -> bool:
+    """Whether the VAE will code by bands: always with "on"; with "auto" when the whole image would take
+    more than half the free memory (the rule :func:`openldm.pipelines.common.decode` applies)."""
+    if request.vae_tiling != "auto":
+        return request.vae_tiling == "on"
+    image = request.piece or request.image
+    whole = vae_bytes(spec.vae, request.batch, image, request.encode, request.decode)
+    return free is not None and whole > free // 2
 
 
 def _gib(count: int) -> str:

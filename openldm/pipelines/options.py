@@ -22,6 +22,8 @@ Precision = Literal["fp32", "fp16", "bf16"]
 OutputType = Literal["pil", "np", "pt", "latent"]
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
+VaeTiling = Literal["auto", "on", "off"]
+VAE_TILINGS: tuple[str, ...] = ("auto", "on", "off")
 Prompt = str | Sequence[str]
 # ``callback(step, total, x, x0)`` after every sampler step (``x`` in sigma space, ``x0`` its denoised).
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -118,7 +120,11 @@ class GenerationOptions:
     layer, N the output of the N-th layer from the end (then its final layer norm). ``cfg_end``: the
     fraction of the steps that are guided (the rest run the conditional half only). ``feature_reuse``: N
     runs the whole UNet every N-th call and only its outermost blocks between, on the deep feature kept
-    from the last whole call (DeepCache; 1: off). ``controls``: the
+    from the last whole call (DeepCache; 1: off). ``token_merging``: the fraction of the tokens merged
+    before each full-resolution self-attention (ToMe for SD, :mod:`openldm.nn.token_merging`; 0: off; the
+    web UI's "Token merging ratio"). ``vae_tiling``: code images by bands of rows in bounded
+    memory (:mod:`openldm.nn.vae_bands`: whole-image statistics, no seams): "auto" when the whole image
+    would take more than half the free memory, "on" always, "off" never. ``controls``: the
     ControlNets that guide the run (:class:`Control`). ``hires``: the hires fix (txt2img only).
     """
 
@@ -145,6 +151,8 @@ class GenerationOptions:
     clip_skip: int = 1
     cfg_end: float = 1.0
     feature_reuse: int = 1
+    token_merging: float = 0.0
+    vae_tiling: VaeTiling = "auto"
     controls: tuple[Control, ...] = ()
     hires: Hires | None = None
 
@@ -164,11 +172,7 @@ class GenerationOptions:
                 "guidance scale must be a finite number >= 0 (1 turns guidance off), "
                 f"got {self.guidance_scale!r}",
             )
-        if not _number(self.cfg_end) or not 0 < self.cfg_end <= 1:
-            raise OptionError(
-                "cfg_end",
-                f"cfg_end (the guided fraction of the steps) must be in (0, 1], got {self.cfg_end!r}",
-            )
+        self._check_speed_options()
         if self.sampler not in SAMPLERS:
             raise OptionError(
                 "sampler", f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}"
@@ -199,6 +203,23 @@ class GenerationOptions:
             raise OptionError(
                 "feature_reuse",
                 "feature_reuse does not combine with ControlNets (their residuals need every block)",
+            )
+
+    def _check_speed_options(self) -> None:
+        if not _number(self.cfg_end) or not 0 < self.cfg_end <= 1:
+            raise OptionError(
+                "cfg_end",
+                f"cfg_end (the guided fraction of the steps) must be in (0, 1], got {self.cfg_end!r}",
+            )
+        if not _number(self.token_merging) or not 0 <= self.token_merging < 1:
+            raise OptionError(
+                "token_merging",
+                "token_merging (the fraction of tokens merged) must be in [0, 1), "
+                f"got {self.token_merging!r}",
+            )
+        if self.vae_tiling not in VAE_TILINGS:
+            raise OptionError(
+                "vae_tiling", f"unknown vae_tiling {self.vae_tiling!r}; use one of {', '.join(VAE_TILINGS)}"
             )
 
     def _check_eta(self) -> None:
@@ -258,6 +279,8 @@ class OptionFields(TypedDict, total=False):
     clip_skip: int
     cfg_end: float
     feature_reuse: int
+    token_merging: float
+    vae_tiling: VaeTiling
     controls: tuple[Control, ...]
     hires: Hires | None
 

@@ -75,13 +75,13 @@ class Run:
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents, one posterior sample each from the run's generator."""
-        return encode_images(self.model, self.options.precision, pixels, self.generator)
+        return encode_images(self.model, self.options, pixels, self.generator)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor | None:
         """Latents -> images in [-1, 1]; None when the output type is "latent"."""
         if self.options.output_type == "latent":
             return None
-        return decode(self.model, latents, self.options.precision)
+        return decode(self.model, latents, self.options)
 
     def start(self, unit: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
         """Where sampling starts: the unit noise at the sampler's first sigma, or ``latent`` noised to
@@ -131,6 +131,7 @@ class Run:
             prepare_controls(options.controls, self.size) if options.controls else None,
             options.cfg_end,
             options.feature_reuse,
+            options.token_merging,
         )
         return sampling(x, hook)
 
@@ -277,6 +278,7 @@ def _check_memory(
         encode=encode,
         latent=tile,
         piece=(tile[0] * factor, tile[1] * factor) if tile is not None else None,
+        vae_tiling=options.vae_tiling,
     )
 
 

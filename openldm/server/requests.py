@@ -101,6 +101,7 @@ def options_of(request: Txt2ImgRequest, clip_skip_default: int = 1) -> Generatio
             n_samples=request.batch_size,
             n_iter=request.n_iter,
             clip_skip=int(clip_skip),
+            token_merging=request.override_settings.get("token_merging_ratio", 0.0),
             progress=False,
         )
     except ValueError as e:
