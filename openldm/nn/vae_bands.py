@@ -143,7 +143,7 @@ class _Run:
     storage: torch.dtype
     compute: torch.dtype
     groups: int
-    lazy: bool = False
+    recompute: bool = False
     band_bytes: int = BAND_BYTES
     tracker: _Tracker = field(default_factory=_Tracker)
 
@@ -393,7 +393,7 @@ def _level(run: _Run, x: _Map | _Computed, level: Level) -> _Map | _Computed:
         if resample is not None:
             _, channels, height, width = x.shape
             size = (height * 2, width * 2) if up else (height // 2, width // 2)
-            if up and run.lazy:
+            if up and run.recompute:
                 x = _Computed(run, x, resample.conv)
                 continue
             out = run.new_map(x, channels, *size)
