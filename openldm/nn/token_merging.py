@@ -40,7 +40,7 @@ class TokenMerging:
 
     def applies(self, height: int, width: int) -> bool:
         """Whether a map of ``height`` x ``width`` is at the full resolution (downsampled by 1)."""
-        return self.ratio > 0 and math.ceil(math.sqrt(self.tokens // (height * width))) <= 1
+        return math.ceil(math.sqrt(self.tokens // (height * width))) <= 1
 
 
 _ACTIVE: contextvars.ContextVar[TokenMerging | None] = contextvars.ContextVar("token_merging", default=None)

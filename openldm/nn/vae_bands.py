@@ -58,15 +58,48 @@ class _Tracker:
         self.peak = max(self.peak, self.live)
 
 
+class _Moments:
+    """Per-group mean and variance of everything added, band by band: each band's from GroupNorm's own
+    fused kernel (stable, one pass), merged in float64 (Chan et al.'s pairwise update)."""
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+        self.state: tuple[Tensor, Tensor, Tensor] | None = None  # count, mean, squared deviations
+
+    def add(self, values: Tensor) -> None:
+        batch, channels = values.shape[:2]
+        _, mean, rstd = torch.ops.aten.native_group_norm(
+            values, None, None, batch, channels, values[0, 0].numel(), self.groups, 0.0
+        )
+        count = values[0].numel() / self.groups
+        mean, squares = mean.double(), rstd.double().pow(-2) * count
+        if self.state is None:
+            self.state = (torch.tensor(count, dtype=torch.float64), mean, squares)
+            return
+        seen, seen_mean, seen_squares = self.state
+        total = seen + count
+        delta = mean - seen_mean
+        self.state = (
+            total,
+            seen_mean + delta * (count / total),
+            seen_squares + squares + delta.square() * (seen * count / total),
+        )
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """(mean, variance) per [B, groups], float64."""
+        assert self.state is not None, "statistics of a map nothing was written to"
+        count, mean, squares = self.state
+        return mean, squares / count
+
+
 @dataclass
 class _Map:
-    """A [B, C, H, W] map kept whole, written band by band, with the per-group sums of what was written
-    since :meth:`track` (for the GroupNorm that reads it next)."""
+    """A [B, C, H, W] map kept whole, written band by band, with the per-group moments of what was
+    written since :meth:`track` (for the GroupNorm that reads it next)."""
 
     data: Tensor
     tracker: _Tracker
-    groups: int | None = None
-    moments: tuple[Tensor, Tensor, Tensor] | None = None  # count, mean, squared deviations
+    moments: _Moments | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -77,9 +110,8 @@ class _Map:
         return self.data.shape[-2]
 
     def track(self, groups: int | None) -> None:
-        """Sum what is written from now on per ``groups`` channel groups (None: no sums)."""
-        self.groups = groups
-        self.moments = None
+        """Gather the moments of what is written from now on per ``groups`` channel groups (None: none)."""
+        self.moments = None if groups is None else _Moments(groups)
 
     def write(self, start: int, values: Tensor) -> None:
         stored = values.to(self.data.dtype)
@@ -93,37 +125,13 @@ class _Map:
                 "fit the memory given); free memory, or code a smaller image"
             )
         self.data[:, :, start : start + values.shape[-2]] = stored
-        self.sum(values)
-
-    def sum(self, values: Tensor) -> None:
-        """Add ``values`` (a band) to the per-group moments, when tracking: the band's mean and variance,
-        merged with the others' in float64 (Chan et al.'s pairwise update)."""
-        if self.groups is None:
-            return
-        batch, channels = values.shape[:2]
-        # GroupNorm's own fused kernel (stable, single pass), for its mean and 1/std (eps 0).
-        _, mean, rstd = torch.ops.aten.native_group_norm(
-            values, None, None, batch, channels, values[0, 0].numel(), self.groups, 0.0
-        )
-        count = values[0].numel() / self.groups
-        mean, squares = mean.double(), rstd.double().pow(-2) * count
-        if self.moments is None:
-            self.moments = (torch.tensor(count, dtype=torch.float64), mean, squares)
-            return
-        seen, seen_mean, seen_squares = self.moments
-        total = seen + count
-        delta = mean - seen_mean
-        self.moments = (
-            total,
-            seen_mean + delta * (count / total),
-            seen_squares + squares + delta.square() * (seen * count / total),
-        )
+        if self.moments is not None:
+            self.moments.add(values)
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """(mean, variance) per [B, groups], float64, of everything written since :meth:`track`."""
-        assert self.moments is not None, "statistics of a map nothing was written to"
-        count, mean, squares = self.moments
-        return mean, squares / count
+        assert self.moments is not None, "statistics of a map without moments"
+        return self.moments.statistics()
 
     def read(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
         """Rows ``start:stop`` (clipped to the map) in ``dtype``."""
@@ -182,11 +190,10 @@ class _Computed:
         self.shape = (batch, conv.out_channels, height * 2, width * 2)
         self.rows = height * 2
         self.cached: tuple[int, int, Tensor] | None = None
-        self.sums = _Map(torch.empty(0, device=run.device), _Tracker())
-        self.sums.track(run.groups)
+        self.moments = _Moments(run.groups)
         step = run.band_rows(4 * 3 * conv.in_channels * width * 2 * 3)
         for start in range(0, self.rows, step):
-            self.sums.sum(self._compute(start, min(start + step, self.rows)))
+            self.moments.add(self._compute(start, min(start + step, self.rows)))
 
     def _compute(self, start: int, stop: int) -> Tensor:
         weight, bias = self.run.weights(self.conv)
@@ -201,7 +208,7 @@ class _Computed:
         return rows[:, :, start - first : stop - first].to(dtype)
 
     def statistics(self) -> tuple[Tensor, Tensor]:
-        return self.sums.statistics()
+        return self.moments.statistics()
 
     def free(self) -> None:
         self.cached = None
@@ -338,7 +345,7 @@ def _attention(run: _Run, x: _Map, block: AttnBlock) -> _Map:
         return _whole_attention(run, x, block)
     out = run.new_map(x, channels, height, width)
     if run.device.type == "meta":  # planning: the maps are what counts
-        out.sum(out.data.to(run.compute))
+        out.write(0, out.data.to(run.compute))
         x.free()
         return out
     for top in range(0, height, WINDOW):

@@ -34,7 +34,7 @@ from openldm.nn.upcast import compute_dtype
 from openldm.nn.vae_bands import decode_in_bands, encode_in_bands
 from openldm.nn.winograd import winograd_reserve
 from openldm.pipelines.control import ControlledUNet, PreparedControl
-from openldm.pipelines.memory import Request, check_memory, vae_bytes
+from openldm.pipelines.memory import Request, band_budget, check_memory, vae_bytes
 from openldm.pipelines.options import CONTROL_MODE_NAMES, PRECISIONS, Callback, GenerationOptions, VaeTiling
 from openldm.prompts import encode_prompts, lora_tags
 from openldm.sampling.denoiser import CFGDenoiser, Denoiser
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
     from openldm.tokenizer import CLIPTokenizer
 
 log = logging.getLogger("openldm")
-# What a banded VAE call may keep where the free memory cannot be told.
-BANDS_WITHOUT_FREE_MEMORY = 4 * 1024**3
 
 # Variants whose UNet takes the noisy latent alone (4 channels) and text: what txt2img/img2img drive.
 TEXT_TO_IMAGE_VARIANTS: tuple[Variant, ...] = ("sd1", "sd2")
@@ -252,16 +250,9 @@ def encode_images(
 
 
 def band_memory(model: Model, tiling: VaeTiling, whole: int) -> int | None:
-    """The bytes a VAE call coding by bands may keep, or None to code the whole image at once (a call
-    whose whole-image activations take ``whole`` bytes): half the free memory (4 GiB where it cannot be
-    told); with "auto" only when the whole image would not fit in that half."""
-    if tiling == "off":
-        return None
-    free = available_memory(device_of(model.vae))
-    budget = free // 2 if free is not None else BANDS_WITHOUT_FREE_MEMORY
-    if tiling == "auto" and (free is None or whole <= budget):
-        return None
-    return budget
+    """What a VAE call on the VAE's device may keep coding by bands, or None to code the whole image
+    (:func:`~openldm.pipelines.memory.band_budget`)."""
+    return band_budget(tiling, whole, available_memory(device_of(model.vae)))
 
 
 def sampling_sigmas(model: Model, info: SamplerInfo, steps: int, karras: bool) -> torch.Tensor:
@@ -344,13 +335,17 @@ class Sampling:
                 self.callback(i, total, latent, x0)
 
         options = {**self.options, **({"schedule": schedule} if self.info.takes_schedule else {})}
-        # Token merging draws its destinations from a fork of the run's generator: the noise is unchanged.
-        fork = torch.Generator(self.generator.device).set_state(self.generator.get_state())
-        merging = merging_tokens(self.token_merging, tuple(x.shape[-2:]), fork)
+        merging = merging_tokens(self.token_merging, tuple(x.shape[-2:]), self._merging_generator())
         with autocast(device_of(model.unet), self.precision), merging:
             x = self.info.fn(x0_float, x, self.sigmas, generator=self.generator, callback=step, **options)
         check_latents(x, self.precision)
         return x
+
+    def _merging_generator(self) -> torch.Generator | None:
+        """Token merging's destinations come from a fork of the run's generator: the noise is unchanged."""
+        if not self.token_merging:
+            return None
+        return torch.Generator(self.generator.device).set_state(self.generator.get_state())
 
     def _extra(self, extra: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Floating tensors in the UNet's dtype (integer labels kept), on its device."""

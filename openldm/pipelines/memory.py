@@ -41,6 +41,8 @@ ENCODER_COPIES = 6
 # A decoded image as float32 [-1, 1], its [0, 1] copy, the array and the PIL image's bytes.
 IMAGE_BYTES_PER_VALUE = 4 + 4 + 4 + 1
 GiB = 1024**3
+# What a banded VAE call may keep where the free memory cannot be told.
+BANDS_WITHOUT_FREE_MEMORY = 4 * GiB
 
 
 class InsufficientMemoryError(ValueError):
@@ -183,13 +185,22 @@ def check_memory(spec: ModelSpec, request: Request, device: torch.device, reserv
 
 
 def _banded(spec: ModelSpec, request: Request, free: int | None) -> bool:
-    """Whether the VAE will code by bands: always with "on"; with "auto" when the whole image would take
-    more than half the free memory (the rule :func:`openldm.pipelines.common.decode` applies)."""
-    if request.vae_tiling != "auto":
-        return request.vae_tiling == "on"
     image = request.piece or request.image
     whole = vae_bytes(spec.vae, request.batch, image, request.encode, request.decode)
-    return free is not None and whole > free // 2
+    return band_budget(request.vae_tiling, whole, free) is not None
+
+
+def band_budget(tiling: VaeTiling, whole: int, free: int | None) -> int | None:
+    """The bytes a VAE call coding by bands may keep, or None to code the whole image at once (a call
+    whose whole-image activations take ``whole`` bytes, with ``free`` bytes free): half the free memory
+    (:data:`BANDS_WITHOUT_FREE_MEMORY` where it cannot be told); "auto" bands only when the whole image
+    would not fit in that half, "on" always, "off" never."""
+    if tiling == "off":
+        return None
+    budget = free // 2 if free is not None else BANDS_WITHOUT_FREE_MEMORY
+    if tiling == "auto" and (free is None or whole <= budget):
+        return None
+    return budget
 
 
 def _gib(count: int) -> str:
