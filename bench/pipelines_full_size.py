@@ -174,6 +174,7 @@ def embedding_parts(spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _ours_model(spec: ModelSpec, weights: tuple[peers.StateDict, ...]) -> Any:
+    from openldm.devices import keep_freed_host_memory
     from openldm.model import StableDiffusion
     from openldm.nn.clip import CLIPTextEncoder
     from openldm.nn.unet import UNetModel
@@ -181,6 +182,7 @@ def _ours_model(spec: ModelSpec, weights: tuple[peers.StateDict, ...]) -> Any:
     from openldm.nn.winograd import winograd_for
     from openldm.tokenizer import CLIPTokenizer
 
+    keep_freed_host_memory()  # what openldm.load does on a CPU (OPENLDM_KEEP_FREED_MEMORY=0: not)
     nets = []
     for cls, config, sd in zip(
         (UNetModel, AutoencoderKL, CLIPTextEncoder), (spec.unet, spec.vae, spec.text), weights, strict=True
@@ -189,7 +191,8 @@ def _ours_model(spec: ModelSpec, weights: tuple[peers.StateDict, ...]) -> Any:
             net = cls(config)
         net.load_state_dict(sd, strict=True, assign=True)
         nets.append(net.eval().requires_grad_(False))
-    winograd_for(nets[0], torch.device("cpu"))  # what openldm.load does: Winograd within half the free memory
+    # As openldm.load: Winograd for the UNet and VAE within half the free memory.
+    winograd_for(nets[0], torch.device("cpu"), shared_with=(nets[1],))
     return StableDiffusion(spec, *nets, tokenizer=CLIPTokenizer.for_config(spec.text))
 
 

@@ -42,6 +42,7 @@ from pipelines_full_size import random_state_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 from openldm.config import preset
+from openldm.devices import keep_freed_host_memory
 from openldm.nn.token_merging import merging_tokens
 from openldm.nn.unet import UNetModel
 from openldm.nn.winograd import WINOGRAD_RECORD, winograd_for
@@ -138,6 +139,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     peers.set_threads(args.threads)
+    # What openldm.load does on a CPU; process-wide, so diffusers' UNet in this process gains it too.
+    print(f"freed memory kept for reuse: {keep_freed_host_memory()} (OPENLDM_KEEP_FREED_MEMORY=0: not)")
 
     spec = preset(args.preset)
     with torch.device("meta"):

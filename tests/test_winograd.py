@@ -11,6 +11,7 @@ shares its model's."""
 from __future__ import annotations
 
 import argparse
+import gc
 
 import pytest
 import torch
@@ -189,6 +190,23 @@ def test_loading_gives_fp32_weights_a_budget_and_kept_fp16_none(tiny_checkpoint,
 
     control = computed_like(ControlNetModel(model.unet.config), model.unet)
     assert winograd_budget_of(control) is budget
+    assert winograd_budget_of(model.vae) is budget  # the VAE's wide layers share the UNet's budget
+
+
+def test_a_collected_layer_gives_its_filters_bytes_back() -> None:
+    budget = WinogradBudget(2**30)
+    layers = [use_winograd(torch.nn.Conv2d(256, 256, 3, padding=1), budget) for _ in range(2)]
+    with torch.no_grad():
+        for layer in layers:
+            layer(torch.randn(1, 256, 16, 16))
+    del layer
+    assert budget.used == 2 * 36 * 256 * 256 * 4
+    assert winograd_reserve(*layers) == 0
+    del layers[1]  # a swapped-out VAE, an unloaded ControlNet
+    gc.collect()
+    assert budget.used == 36 * 256 * 256 * 4
+    fresh = use_winograd(torch.nn.Conv2d(256, 256, 3, padding=1), budget)
+    assert winograd_reserve(layers[0], fresh) == 36 * 256 * 256 * 4  # the unmade filters of either
 
 
 def test_negative_memory_flag_is_refused_before_loading() -> None:

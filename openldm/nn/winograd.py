@@ -22,6 +22,7 @@ convolution's memory use.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Literal
 
 import torch
@@ -32,10 +33,13 @@ from openldm.devices import available_memory
 from openldm.nn.upcast import compute_dtype
 
 TileSize = Literal[2, 4]
-MIN_CHANNELS = 320  # narrower layers spend more on the transforms than the products save
+MIN_CHANNELS = 256  # narrower layers spend more on the transforms than the products save
 SMALL_MAP = 16  # maps smaller than this (on a side) use F(2x2)
 WINOGRAD_RECORD = "winograd_conv3x3"  # the profiler's name for a call (bench/unet_step.py counts it)
-BAND_BYTES = 256 * 2**20  # a larger call's transformed tiles are made a band of rows at a time
+# A call's transformed tiles are made a band of rows at a time, the band's share of the L3 cache: on
+# 2 AVX2 cores (32 MB L3) 16 MB bands ran 256-channel 128x128 maps 1.7x faster than the direct
+# convolution where 256 MB bands ran them no faster; 320 channels at 96x96: 1.85x against 1.17x.
+BAND_BYTES = 16 * 2**20
 
 # The transforms' matrices (B^T, G, A^T) for interpolation points 0, +-1 (F(2)) and 0, +-1, +-2 (F(4)).
 _MATRICES: dict[int, tuple[list[list[float]], list[list[float]], list[list[float]]]] = {
@@ -157,8 +161,10 @@ class _WinogradConv2d(nn.Conv2d):
     """Mixed in before a layer's own class (a plain or an upcasting Conv2d) by :func:`use_winograd`."""
 
     winograd_budget: WinogradBudget
-    # (weight storage, weight version, tile) and the filters made from that weight, or None
-    _winograd_kept: tuple[tuple[int, int, int], torch.Tensor] | None
+    # (weight storage, weight version, tile), the filters made from that weight and what gives their
+    # bytes back to the budget (called when they are remade, or when the layer is collected: a
+    # swapped VAE or an unloaded ControlNet leaves the budget to the others), or None
+    _winograd_kept: tuple[tuple[int, int, int], torch.Tensor, weakref.finalize] | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = getattr(self, "compute_dtype", None) or self.weight.dtype
@@ -187,14 +193,14 @@ class _WinogradConv2d(nn.Conv2d):
         if kept is not None and kept[0] == key:
             return kept[1]
         if kept is not None:
-            self.winograd_budget.give_back(kept[1].nbytes)
+            kept[2]()  # gives the stale filters' bytes back
             self._winograd_kept = None
         nbytes = filter_bytes(weight, tile, dtype)
         if not self.winograd_budget.take(nbytes):
             return None
         with torch.no_grad():
             filters = transform_filters(weight.to(dtype), tile)
-        self._winograd_kept = (key, filters)
+        self._winograd_kept = (key, filters, weakref.finalize(self, self.winograd_budget.give_back, nbytes))
         return filters
 
 
@@ -240,20 +246,32 @@ def default_winograd_memory(network: nn.Module, device: torch.device) -> int:
     return (available_memory(device) or 0) // 2
 
 
-def winograd_for(network: nn.Module, device: torch.device, memory: int | None = None) -> nn.Module:
-    """:func:`use_winograd` with ``memory`` bytes (None: :func:`default_winograd_memory`), when any."""
+def winograd_for(
+    network: nn.Module,
+    device: torch.device,
+    memory: int | None = None,
+    shared_with: tuple[nn.Module, ...] = (),
+) -> nn.Module:
+    """:func:`use_winograd` with ``memory`` bytes (None: :func:`default_winograd_memory`), when any,
+    for ``network`` and the networks ``shared_with`` it (a UNet's VAE), one budget for all."""
     memory = default_winograd_memory(network, device) if memory is None else memory
-    return use_winograd(network, WinogradBudget(memory)) if memory > 0 else network
+    if memory <= 0:
+        return network
+    budget = WinogradBudget(memory)
+    for other in shared_with:
+        use_winograd(other, budget)
+    return use_winograd(network, budget)
 
 
-def winograd_reserve(network: nn.Module) -> int:
-    """Bytes ``network``'s Winograd layers may still take for filters (F(4x4) sizes, within the
-    budget): memory a generation must leave free."""
-    budget = winograd_budget_of(network)
+def winograd_reserve(*networks: nn.Module) -> int:
+    """Bytes the Winograd layers of ``networks`` (sharing one budget) may still take for filters
+    (F(4x4) sizes, within the budget): memory a generation must leave free."""
+    budget = winograd_budget_of(networks[0])
     if budget is None:
         return 0
     unmade = sum(
         filter_bytes(module.weight, 4)
+        for network in networks
         for module in network.modules()
         if isinstance(module, _WinogradConv2d) and module._winograd_kept is None
     )

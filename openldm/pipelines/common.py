@@ -147,7 +147,7 @@ def check_request_memory(
         element_bytes=activation_bytes(model, precision),
         vae_tiling=vae_tiling,
     )
-    check_memory(model.spec, request, device_of(model.unet), winograd_reserve(model.unet))
+    check_memory(model.spec, request, device_of(model.unet), winograd_reserve(model.unet, model.vae))
 
 
 # --- seeds and noise ---------------------------------------------------------------------------
