@@ -174,7 +174,6 @@ def embedding_parts(spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _ours_model(spec: ModelSpec, weights: tuple[peers.StateDict, ...]) -> Any:
-    from openldm.devices import keep_freed_host_memory
     from openldm.model import StableDiffusion
     from openldm.nn.clip import CLIPTextEncoder
     from openldm.nn.unet import UNetModel
@@ -182,7 +181,6 @@ def _ours_model(spec: ModelSpec, weights: tuple[peers.StateDict, ...]) -> Any:
     from openldm.nn.winograd import winograd_for
     from openldm.tokenizer import CLIPTokenizer
 
-    keep_freed_host_memory()  # what openldm.load does on a CPU (OPENLDM_KEEP_FREED_MEMORY=0: not)
     nets = []
     for cls, config, sd in zip(
         (UNetModel, AutoencoderKL, CLIPTextEncoder), (spec.unet, spec.vae, spec.text), weights, strict=True

@@ -30,6 +30,7 @@ minutes on 2 cores (``--token-merging`` adds openldm with token merging and diff
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections import defaultdict
@@ -42,7 +43,7 @@ from pipelines_full_size import random_state_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 from openldm.config import preset
-from openldm.devices import keep_freed_host_memory
+from openldm.devices import reusing_freed_host_memory
 from openldm.nn.token_merging import merging_tokens
 from openldm.nn.unet import UNetModel
 from openldm.nn.winograd import WINOGRAD_RECORD, winograd_for
@@ -139,8 +140,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     peers.set_threads(args.threads)
-    # What openldm.load does on a CPU; process-wide, so diffusers' UNet in this process gains it too.
-    print(f"freed memory kept for reuse: {keep_freed_host_memory()} (OPENLDM_KEEP_FREED_MEMORY=0: not)")
+    # What openldm's pipelines do while sampling; process-wide, so diffusers' UNet here gains it too.
+    kept = contextlib.ExitStack().enter_context(reusing_freed_host_memory(torch.device("cpu")))
+    print(f"freed memory kept for reuse: {kept} (OPENLDM_KEEP_FREED_MEMORY=0: not)")
 
     spec = preset(args.preset)
     with torch.device("meta"):

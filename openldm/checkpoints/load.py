@@ -75,7 +75,7 @@ from openldm.config import (
     VAEConfig,
 )
 from openldm.config import preset as named_preset
-from openldm.devices import keep_freed_host_memory, resolve_device
+from openldm.devices import resolve_device
 from openldm.nn.clip import CLIPTextEncoder
 from openldm.nn.clip_vision import CLIPVisionEncoder
 from openldm.nn.midas import MiDaSDepthEstimator
@@ -209,8 +209,7 @@ def load(
             transformed filters to run by Winograd's algorithm on a CPU (:mod:`openldm.nn.winograd`;
             0: never). Default: half the memory free after loading when the UNet computes in its
             stored fp32 weights, else 0 (weights kept in half precision are a choice of memory).
-        device: where the networks go. On a CPU the process's freed memory is kept for its next
-            allocations (:func:`openldm.devices.keep_freed_host_memory`).
+        device: where the networks go.
         preset: a preset name or a :class:`ModelSpec` to build instead of reading the sizes.
         variant: diffusers weight variant to read (``"fp16"`` for ``*.fp16.safetensors``).
         base: for a UNet-only variant file (:mod:`openldm.checkpoints.variant_files`), the complete
@@ -218,8 +217,6 @@ def load(
             when the file names it as its base).
     """
     device = resolve_device(device)  # a device this machine lacks is an error before any reading
-    if device.type == "cpu":
-        keep_freed_host_memory()
     source = os.fspath(path_or_id)
     path = Path(source)
     if base is not None and not path.is_file():

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from openldm.devices import reusing_freed_host_memory
 from openldm.pipelines.common import (
     TEXT_TO_IMAGE_VARIANTS,
     DenoiserHook,
@@ -133,7 +134,8 @@ class Run:
             options.feature_reuse,
             options.token_merging,
         )
-        return sampling(x, hook)
+        with reusing_freed_host_memory(self.device):
+            return sampling(x, hook)
 
 
 class Task:
