@@ -9,7 +9,8 @@ of this folder, run in turn in its own process, its output printed as it comes.
 4. ``sample_embedded.py``: the embedded model's seconds per image against diffusers, and the time
    from ``openldm txt2img`` to its PNG (start-up);
 5. ``step_reduction.py``: the step-reduction options' speed-ups and fidelity on the embedded model's
-   evaluator;
+   evaluator; ``step_reduction_full_size.py``: their speed-ups and distances to the full computation
+   at full size;
 6. ``vae_bands.py``: large images through the VAE by bands against the whole-image VAE and diffusers'
    tiling (seconds, peak memory, difference).
 
@@ -35,7 +36,7 @@ PARTS: dict[str, list[list[str]]] = {
     ],
     "pipelines": [["pipelines_full_size.py"]],
     "embedded": [["sample_embedded.py", "--samplers", "ddim", "--steps", "25", "--batch", "1"]],
-    "steps": [["step_reduction.py"]],
+    "steps": [["step_reduction.py"], ["step_reduction_full_size.py", "--steps", "10"]],
     "vae": [["vae_bands.py"]],
 }
 QUICK: dict[str, list[list[str]]] = {
@@ -45,7 +46,10 @@ QUICK: dict[str, list[list[str]]] = {
         ["sample_embedded.py", "--samplers", "ddim", "--steps", "2", "--batch", "1", "--repeats", "1"]
         + ["--check-steps", "2", "--cli-repeats", "1"]
     ],
-    "steps": [["step_reduction.py", "--n", "16", "--step-list", "15", "--cfg-ends", "1.0", "0.6"]],
+    "steps": [
+        ["step_reduction.py", "--n", "16", "--step-list", "15", "--cfg-ends", "1.0", "0.6"],
+        ["step_reduction_full_size.py", "--steps", "2", "--size", "128"],
+    ],
     "vae": [["vae_bands.py", "--quick"]],
 }
 THREADED = {
@@ -53,6 +57,7 @@ THREADED = {
     "pipelines_full_size.py",
     "sample_embedded.py",
     "step_reduction.py",
+    "step_reduction_full_size.py",
     "vae_bands.py",
 }
 

@@ -173,6 +173,30 @@ def test_unet_of_sd_widths_matches_diffusers() -> None:
     assert_close_rel(got, expected, tol=1e-4)
 
 
+def test_vae_of_sd_widths_matches_diffusers() -> None:
+    from openldm.checkpoints.formats.vae import vae_from_diffusers
+    from openldm.config import VAEConfig
+    from openldm.nn.vae import AutoencoderKL
+    from tests.oracles import vae_oracle
+
+    config = VAEConfig(ch=128, ch_mult=(1, 2), num_res_blocks=1)  # 256-channel layers run by Winograd
+    reference = vae_oracle(config).eval()
+    with torch.device("meta"):
+        ours = AutoencoderKL(config)
+    ours.load_state_dict(vae_from_diffusers(reference.state_dict(), config), assign=True, strict=True)
+    budget = WinogradBudget(2**31)
+    use_winograd(ours.eval(), budget)
+    g = torch.Generator().manual_seed(10)
+    z, image = torch.randn(1, 4, 16, 16, generator=g), torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        expected = (reference.decode(z).sample, reference.encode(image).latent_dist.mean)
+        got = (ours.decode(z), ours.encode(image).mode())
+    assert budget.used > 0
+    for ours_out, theirs in zip(got, expected, strict=True):
+        assert theirs.abs().max() > 1e-2
+        assert_close_rel(ours_out, theirs, tol=1e-4)
+
+
 def test_loading_gives_fp32_weights_a_budget_and_kept_fp16_none(tiny_checkpoint, tmp_path) -> None:
     import safetensors.torch
 
