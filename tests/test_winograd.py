@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from typing import Any
 
 import pytest
 import torch
@@ -150,6 +151,15 @@ def test_upcast_layer_computes_in_fp32_from_fp16_weights() -> None:
     assert_close_rel(y, reference, tol=2e-5)
 
 
+def _with_winograd(cls: Any, config: Any, state_dict: dict[str, torch.Tensor]) -> tuple[Any, WinogradBudget]:
+    """``cls(config)`` holding ``state_dict``, its convolutions by Winograd within a large budget."""
+    with torch.device("meta"):
+        network = cls(config)
+    network.load_state_dict(state_dict, assign=True, strict=True)
+    budget = WinogradBudget(2**31)
+    return use_winograd(network.eval(), budget), budget
+
+
 def test_unet_of_sd_widths_matches_diffusers() -> None:
     from tests.oracles import unet_oracle
 
@@ -157,11 +167,7 @@ def test_unet_of_sd_widths_matches_diffusers() -> None:
         model_channels=320, channel_mult=(1, 2), attention_resolutions=(), num_res_blocks=1, context_dim=64
     )
     reference = unet_oracle(config)
-    with torch.device("meta"):
-        ours = UNetModel(config)
-    ours.load_state_dict(unet_from_diffusers(reference.state_dict(), config), assign=True, strict=True)
-    budget = WinogradBudget(2**31)
-    use_winograd(ours.eval(), budget)
+    ours, budget = _with_winograd(UNetModel, config, unet_from_diffusers(reference.state_dict(), config))
     g = torch.Generator().manual_seed(9)
     x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 64, generator=g)
     t = torch.tensor([10.0, 700.0])
@@ -181,11 +187,7 @@ def test_vae_of_sd_widths_matches_diffusers() -> None:
 
     config = VAEConfig(ch=128, ch_mult=(1, 2), num_res_blocks=1)  # 256-channel layers run by Winograd
     reference = vae_oracle(config).eval()
-    with torch.device("meta"):
-        ours = AutoencoderKL(config)
-    ours.load_state_dict(vae_from_diffusers(reference.state_dict(), config), assign=True, strict=True)
-    budget = WinogradBudget(2**31)
-    use_winograd(ours.eval(), budget)
+    ours, budget = _with_winograd(AutoencoderKL, config, vae_from_diffusers(reference.state_dict(), config))
     g = torch.Generator().manual_seed(10)
     z, image = torch.randn(1, 4, 16, 16, generator=g), torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
     with torch.no_grad():
