@@ -30,7 +30,6 @@ minutes on 2 cores (``--token-merging`` adds openldm with token merging and diff
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections import defaultdict
@@ -141,9 +140,14 @@ def main() -> None:
     args = parser.parse_args()
     peers.set_threads(args.threads)
     # What openldm's pipelines do while sampling; process-wide, so diffusers' UNet here gains it too.
-    kept = contextlib.ExitStack().enter_context(reusing_freed_host_memory(torch.device("cpu")))
-    print(f"freed memory kept for reuse: {kept} (OPENLDM_KEEP_FREED_MEMORY=0: not)")
+    # (A `with`: a context entered on a discarded ExitStack is closed when the stack is collected.)
+    with reusing_freed_host_memory(torch.device("cpu")) as kept:
+        print(f"freed memory kept for reuse: {kept} (OPENLDM_KEEP_FREED_MEMORY=0: not)")
+        measure(args)
 
+
+def measure(args: argparse.Namespace) -> None:
+    """Times and breaks down the guided steps ``args`` asks for, and prints the tables."""
     spec = preset(args.preset)
     with torch.device("meta"):
         meta = UNetModel(spec.unet)
