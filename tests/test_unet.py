@@ -298,3 +298,66 @@ def test_latents_not_multiple_of_8_line_up_with_their_skips() -> None:
     with torch.no_grad():
         out = unet(x, torch.tensor([10]), context=context)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def twin_inputs(cfg: UNetConfig) -> dict[str, torch.Tensor | None]:
+    """Classifier-free guidance's call: latents, timesteps and class input doubled, two contexts."""
+    inputs = random_inputs(cfg)
+    for key in ("x", "timesteps", "y"):
+        value = inputs[key]
+        if value is not None:
+            inputs[key] = torch.cat([value[:1], value[:1]])
+    return inputs
+
+
+def first_attention_batches(model: UNetModel, inputs: dict[str, torch.Tensor | None]) -> list[int]:
+    """The batch each first attention (attn1) of the UNet's transformer blocks receives, in order."""
+    seen: list[int] = []
+    hooks = [
+        module.attn1.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+        for module in model.modules()
+        if hasattr(module, "attn1")
+    ]
+    try:
+        run_ours(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", TINY_UNETS)
+def test_twin_halves_run_once_up_to_the_context_and_match_diffusers(name: str) -> None:
+    cfg = TINY_UNETS[name]
+    reference = random_diffusers_unet(cfg)
+    ours = ours_from(unet_from_diffusers(reference.state_dict(), cfg), cfg)
+    inputs = twin_inputs(cfg)
+    assert_close_rel(run_ours(ours, inputs), run_diffusers(reference, inputs), tol=1e-4)
+    batches = first_attention_batches(ours, inputs)
+    # The first transformer's self-attention runs on one half; with self-attention turned off at
+    # level 0 (the x4 upscaler) its first attention reads the context, so the whole batch.
+    first_is_self = not (cfg.disable_self_attentions or (False,))[0]
+    assert batches[0] == (1 if first_is_self else 2)
+    assert batches[1:] == [2] * (len(batches) - 1)
+
+
+def tiny_ours(name: str) -> UNetModel:
+    cfg = TINY_UNETS[name]
+    return ours_from(unet_from_diffusers(random_diffusers_unet(cfg).state_dict(), cfg), cfg)
+
+
+def test_halves_that_differ_run_as_a_whole() -> None:
+    inputs = twin_inputs(TINY_UNETS["unclip"])
+    assert inputs["y"] is not None
+    inputs["y"] = torch.cat([torch.zeros_like(inputs["y"][:1]), inputs["y"][:1]])  # unCLIP's guidance
+    assert set(first_attention_batches(tiny_ours("unclip"), inputs)) == {2}
+
+
+def test_twin_halves_run_as_a_whole_when_computing_gradients() -> None:
+    with torch.enable_grad():  # training: one path for the backward pass
+        model, inputs = tiny_ours("sd1"), twin_inputs(TINY_UNETS["sd1"])
+        seen: list[int] = []
+        first = next(module for module in model.modules() if hasattr(module, "attn1"))
+        first.attn1.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+        model(inputs["x"], inputs["timesteps"], context=inputs["context"])
+    assert seen == [2]

