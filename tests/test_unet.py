@@ -104,11 +104,16 @@ def ours_from(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> UNetModel:
     return model.eval()
 
 
+def oracle_and_ours(cfg: UNetConfig) -> tuple[UNet2DConditionModel, UNetModel]:
+    """diffusers' UNet with seeded random weights, and ours with the same weights."""
+    reference = random_diffusers_unet(cfg)
+    return reference, ours_from(unet_from_diffusers(reference.state_dict(), cfg), cfg)
+
+
 @pytest.mark.parametrize("name", TINY_UNETS)
 def test_matches_diffusers(name: str) -> None:
     cfg = TINY_UNETS[name]
-    reference = random_diffusers_unet(cfg)
-    ours = ours_from(unet_from_diffusers(reference.state_dict(), cfg), cfg)
+    reference, ours = oracle_and_ours(cfg)
     inputs = random_inputs(cfg)
     expected = run_diffusers(reference, inputs)
     assert expected.abs().max() > 1e-2, "reference output is trivially small"
@@ -329,8 +334,7 @@ def first_attention_batches(model: UNetModel, inputs: dict[str, torch.Tensor | N
 @pytest.mark.parametrize("name", TINY_UNETS)
 def test_twin_halves_run_once_up_to_the_context_and_match_diffusers(name: str) -> None:
     cfg = TINY_UNETS[name]
-    reference = random_diffusers_unet(cfg)
-    ours = ours_from(unet_from_diffusers(reference.state_dict(), cfg), cfg)
+    reference, ours = oracle_and_ours(cfg)
     inputs = twin_inputs(cfg)
     assert_close_rel(run_ours(ours, inputs), run_diffusers(reference, inputs), tol=1e-4)
     batches = first_attention_batches(ours, inputs)
@@ -342,8 +346,7 @@ def test_twin_halves_run_once_up_to_the_context_and_match_diffusers(name: str) -
 
 
 def tiny_ours(name: str) -> UNetModel:
-    cfg = TINY_UNETS[name]
-    return ours_from(unet_from_diffusers(random_diffusers_unet(cfg).state_dict(), cfg), cfg)
+    return oracle_and_ours(TINY_UNETS[name])[1]
 
 
 def test_halves_that_differ_run_as_a_whole() -> None:
