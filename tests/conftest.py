@@ -52,6 +52,22 @@ def read_only_folder() -> Iterator[Callable[[Path], Path]]:
             path.chmod(0o755)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The native helpers (``openldm.nn.native``) built into the session's own cache folder, as on a
+    clean machine, and the user's left alone; subprocesses inherit it."""
+    from openldm.nn import native
+
+    folder = tmp_path_factory.mktemp("native-cache")
+    previous = os.environ.get(native.CACHE_VARIABLE)
+    os.environ[native.CACHE_VARIABLE] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(native.CACHE_VARIABLE, None)
+    else:
+        os.environ[native.CACHE_VARIABLE] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_single_file(tmp_path_factory) -> Callable[..., Path]:
     """``make(variant, name=None)``: a tiny single file of a ``tests.tiny.TINY`` variant ("sd1",

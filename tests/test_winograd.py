@@ -22,7 +22,7 @@ import openldm
 from openldm.checkpoints.formats.unet import unet_from_diffusers
 from openldm.commands.common import UsageError, check_model_flags
 from openldm.config import UNetConfig
-from openldm.nn import winograd
+from openldm.nn import native, winograd
 from openldm.nn.unet import UNetModel
 from openldm.nn.upcast import upcast_layers
 from openldm.nn.winograd import (
@@ -63,6 +63,78 @@ def test_bands_give_the_whole_result(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(winograd, "BAND_BYTES", 1)  # one row of tiles at a time: 6 bands
     # the same sums, ordered by the BLAS for other matrix sizes: 4e-7 found
     assert_close_rel(winograd_conv3x3(x, filters, b, 4), whole, tol=1e-5)
+
+
+def _through_native(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every F(4x4) call through the native transforms from here on; the names of the native calls."""
+    calls: list[str] = []
+    run_jobs = native.run_jobs
+
+    def counted(function: Any, jobs: int, *args: int | None) -> None:
+        calls.append(function.__name__)
+        run_jobs(function, jobs, *args)
+
+    monkeypatch.setattr(native, "run_jobs", counted)
+    monkeypatch.setattr(winograd, "NATIVE_MIN_TILES", 0)
+    return calls
+
+
+def test_native_transforms_are_built_on_this_machine() -> None:
+    assert native.compiler() is not None, "no C compiler: install gcc (.ci/run does) or set CC"
+    assert winograd._native_transforms() is not None, "winograd.c did not build: see the logged reason"
+
+
+@pytest.mark.parametrize(
+    ("shape", "bias", "layout"),
+    [
+        ((2, 48, 8, 8), True, torch.contiguous_format),
+        ((3, 48, 13, 7), False, torch.contiguous_format),
+        ((1, 48, 5, 16), True, torch.channels_last),
+        ((2, 48, 17, 23), True, torch.channels_last),
+    ],
+)
+def test_native_transforms_match_fp64_and_pytorchs(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], bias: bool, layout: torch.memory_format
+) -> None:
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g).to(memory_format=layout)
+    w = torch.randn(40, 48, 3, 3, generator=g) / 20
+    b = torch.randn(40, generator=g) if bias else None
+    filters = transform_filters(w, 4)
+    monkeypatch.setattr(winograd, "NATIVE_MIN_TILES", 2**62)
+    by_pytorch = winograd_conv3x3(x, filters, b, 4)
+    calls = _through_native(monkeypatch)
+    y = winograd_conv3x3(x, filters, b, 4)
+    assert calls == ["winograd4_input", "winograd4_output"]
+    assert y.shape == (shape[0], 40, *shape[2:]) and y.is_contiguous()
+    assert _error_to_fp64(y, x, w, b) <= 2e-5  # 5e-6 found, as PyTorch's operators
+    assert_close_rel(y, by_pytorch, tol=1e-5)  # the same sums in another order: 1e-6 found
+
+
+def test_native_bands_and_threads_give_the_whole_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(2, 16, 22, 9, generator=g), torch.randn(24, 16, 3, 3, generator=g), torch.randn(24)
+    filters = transform_filters(w, 4)
+    calls = _through_native(monkeypatch)
+    whole = winograd_conv3x3(x, filters, b, 4)
+    monkeypatch.setattr(winograd, "NATIVE_BAND_BYTES", 1)  # one row of tiles at a time: 6 bands
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # each transform's jobs shared by two threads
+    try:
+        banded = winograd_conv3x3(x, filters, b, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["winograd4_input", "winograd4_output"] * 7
+    assert_close_rel(banded, whole, tol=1e-5)
+
+
+def test_without_the_native_library_pytorchs_operators_compute(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(1, 16, 12, 12, generator=g), torch.randn(8, 16, 3, 3, generator=g)
+    calls = _through_native(monkeypatch)
+    monkeypatch.setattr(winograd, "_native_transforms", lambda: None)
+    y = winograd_conv3x3(x, transform_filters(w, 4), None, 4)
+    assert calls == [] and _error_to_fp64(y, x, w, None) <= 2e-5
 
 
 def _layer(

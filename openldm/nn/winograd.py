@@ -8,7 +8,10 @@ per 16 outputs instead of 144, in matrix products that run at the BLAS's full ra
 direct convolution of a small map does not. On 2 AVX2 cores a guided SD 1.5 UNet step at 512 takes
 0.74x the time of the direct convolutions. Against a fp64 convolution, relative to the largest
 output: F(2x2) 3e-7, closer than the direct fp32 convolution (1e-6 to 4e-6); F(4x4) 5e-6, its
-interpolation points +-2 costing a few bits.
+interpolation points +-2 costing a few bits. Large maps take their tiles in and out by native
+transforms (``winograd.c``, built by :mod:`openldm.nn.native`), one pass over memory each instead of
+PyTorch's pad, gather, products by the transforms' matrices and scatter; PyTorch's operators do it
+where no C compiler is found.
 
 The transformed filters take 4x the filter's bytes (F(4x4); 16/9x for F(2x2), used on maps under
 16x16 where 4x4 tiles would be mostly padding), so they are a trade of memory for speed: each layer
@@ -21,6 +24,7 @@ convolution's memory use.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import weakref
 from typing import Literal
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openldm.devices import available_memory
+from openldm.nn import native
 from openldm.nn.upcast import compute_dtype
 
 TileSize = Literal[2, 4]
@@ -40,6 +45,12 @@ WINOGRAD_RECORD = "winograd_conv3x3"  # the profiler's name for a call (bench/un
 # 2 AVX2 cores (32 MB L3) 16 MB bands ran 256-channel 128x128 maps 1.7x faster than the direct
 # convolution where 256 MB bands ran them no faster; 320 channels at 96x96: 1.85x against 1.17x.
 BAND_BYTES = 16 * 2**20
+# Calls of F(4x4) with at least this many tiles take the tiles in and out by the native transforms
+# (winograd.c, one pass over memory each), the products as filters @ tiles; with fewer tiles the
+# products' matrices are too narrow that way round and PyTorch's operators do better. Those calls' bands
+# only bound their memory: passes over whole maps ran faster than bands of the cache's size.
+NATIVE_MIN_TILES = 256
+NATIVE_BAND_BYTES = 128 * 2**20
 
 # The transforms' matrices (B^T, G, A^T) for interpolation points 0, +-1 (F(2)) and 0, +-1, +-2 (F(4)).
 _MATRICES: dict[int, tuple[list[list[float]], list[list[float]], list[list[float]]]] = {
@@ -109,9 +120,13 @@ def _winograd_conv3x3(
     batch, channels, height, width = x.shape
     side = tile + 2
     rows, cols = -(-height // tile), -(-width // tile)
-    padded = F.pad(x, (1, 1 + cols * tile - width, 1, 1 + rows * tile - height))
     row_bytes = side * side * batch * cols * max(channels, filters.shape[1]) * x.element_size()
+    library = _native_transforms() if tile == 4 and batch * rows * cols >= NATIVE_MIN_TILES else None
+    if library is not None:
+        band = max(1, NATIVE_BAND_BYTES // row_bytes)
+        return _native_conv3x3(library, x.contiguous(), filters, bias, band)
     band = max(1, BAND_BYTES // row_bytes)
+    padded = F.pad(x, (1, 1 + cols * tile - width, 1, 1 + rows * tile - height))
     if band >= rows:
         out = _tiles_conv(padded, filters, tile, rows, cols)
     else:
@@ -138,6 +153,40 @@ def _tiles_conv(
     out = _transform(tile, 2, padded) @ products.view(side * side, -1)  # (tile^2, tiles * out)
     out = out.view(tile, tile, batch, rows, cols, out_channels)
     return out.permute(2, 5, 3, 0, 4, 1).reshape(batch, out_channels, rows * tile, cols * tile)
+
+
+@functools.cache
+def _native_transforms() -> ctypes.CDLL | None:
+    library = native.load("winograd.c")
+    if library is not None:
+        sizes = [ctypes.c_int64] * 9
+        library.winograd4_input.argtypes = [ctypes.c_void_p] * 2 + sizes
+        library.winograd4_output.argtypes = [ctypes.c_void_p] * 3 + sizes
+    return library
+
+
+def _native_conv3x3(
+    library: ctypes.CDLL, x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, band: int
+) -> torch.Tensor:
+    """F(4x4) with the tiles taken in and out by ``library``'s one-pass transforms: (36, C, tiles)."""
+    batch, channels, height, width = x.shape
+    out_channels = filters.shape[1]
+    rows, cols = -(-height // 4), -(-width // 4)
+    bias = None if bias is None else bias.contiguous()  # kept alive while its pointer is used
+    bias_pointer = None if bias is None else bias.data_ptr()
+    y = x.new_empty(batch, out_channels, height, width)
+    for first in range(0, rows, band):
+        count = min(rows, first + band) - first
+        span = (first, count, cols)
+        tiles = x.new_empty(36, channels, batch * count * cols)
+        jobs = batch * channels * count
+        native.run_jobs(library.winograd4_input, jobs, x.data_ptr(), tiles.data_ptr(), *x.shape, *span)
+        products = torch.bmm(filters, tiles)  # (36, out, tiles)
+        del tiles
+        jobs = batch * out_channels * count
+        pointers = (products.data_ptr(), bias_pointer, y.data_ptr())
+        native.run_jobs(library.winograd4_output, jobs, *pointers, *y.shape, *span)
+    return y
 
 
 class WinogradBudget:
