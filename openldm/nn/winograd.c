@@ -9,6 +9,24 @@ caller can share a call's jobs among threads. The tiles of a call are those of a
 #include <stdlib.h>
 #include <string.h>
 
+/* B^T for F(4x4): r = B^T d of a column or row d of a tile (interpolation points 0, +-1, +-2). */
+static inline void b4(const float d[6], float r[6]) {
+    r[0] = 4 * d[0] - 5 * d[2] + d[4];
+    r[1] = -4 * (d[1] + d[2]) + d[3] + d[4];
+    r[2] = 4 * (d[1] - d[2]) - d[3] + d[4];
+    r[3] = 2 * (d[3] - d[1]) - d[2] + d[4];
+    r[4] = 2 * (d[1] - d[3]) - d[2] + d[4];
+    r[5] = 4 * d[1] - 5 * d[3] + d[5];
+}
+
+/* A^T for F(4x4): r = A^T m of a column or row m of a transformed product. */
+static inline void a4(const float m[6], float r[4]) {
+    r[0] = m[0] + m[1] + m[2] + m[3] + m[4];
+    r[1] = m[1] - m[2] + 2 * (m[3] - m[4]);
+    r[2] = m[1] + m[2] + 4 * (m[3] + m[4]);
+    r[3] = m[1] - m[2] + 8 * (m[3] - m[4]) + m[5];
+}
+
 /* B^T d B of each 6x6 tile d of the zero-padded input: x (N, C, H, W) -> out (36, C, N * nrows * cols),
    out[6 k + m] the transform's row k, column m. A job is one tile row of one channel of one image:
    job = (n * C + c) * nrows + r. Returns 1 when its scratch memory cannot be had, else 0. */
@@ -32,33 +50,20 @@ int winograd4_input(const float *restrict x, float *restrict out, int64_t N, int
             memcpy(row + 1, image + y * W, W * sizeof(float));
             memset(row + W + 1, 0, (width - W - 1) * sizeof(float));
         }
-        const float *d0 = rows, *d1 = d0 + width, *d2 = d1 + width, *d3 = d2 + width, *d4 = d3 + width,
-                    *d5 = d4 + width;
-        float *t0 = vertical, *t1 = t0 + width, *t2 = t1 + width, *t3 = t2 + width, *t4 = t3 + width,
-              *t5 = t4 + width;
         for (int64_t k = 0; k < width; ++k) { /* B^T down the columns */
-            const float a0 = d0[k], a1 = d1[k], a2 = d2[k], a3 = d3[k], a4 = d4[k], a5 = d5[k];
-            t0[k] = 4 * a0 - 5 * a2 + a4;
-            t1[k] = -4 * (a1 + a2) + a3 + a4;
-            t2[k] = 4 * (a1 - a2) - a3 + a4;
-            t3[k] = 2 * (a3 - a1) - a2 + a4;
-            t4[k] = 2 * (a1 - a3) - a2 + a4;
-            t5[k] = 4 * a1 - 5 * a3 + a5;
+            float d[6], t[6];
+            for (int i = 0; i < 6; ++i) d[i] = rows[i * width + k];
+            b4(d, t);
+            for (int i = 0; i < 6; ++i) vertical[i * width + k] = t[i];
         }
         const int64_t first_tile = (n * nrows + r) * cols;
         for (int k = 0; k < 6; ++k) { /* B along the rows, tile by tile */
             const float *s = vertical + k * width;
-            float *o0 = out + (int64_t)(6 * k) * plane + c * tiles + first_tile;
-            float *o1 = o0 + plane, *o2 = o1 + plane, *o3 = o2 + plane, *o4 = o3 + plane, *o5 = o4 + plane;
+            float *o = out + (int64_t)(6 * k) * plane + c * tiles + first_tile;
             for (int64_t q = 0; q < cols; ++q) {
-                const float *a = s + 4 * q;
-                const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], a4 = a[4], a5 = a[5];
-                o0[q] = 4 * a0 - 5 * a2 + a4;
-                o1[q] = -4 * (a1 + a2) + a3 + a4;
-                o2[q] = 4 * (a1 - a2) - a3 + a4;
-                o3[q] = 2 * (a3 - a1) - a2 + a4;
-                o4[q] = 2 * (a1 - a3) - a2 + a4;
-                o5[q] = 4 * a1 - 5 * a3 + a5;
+                float t[6];
+                b4(s + 4 * q, t);
+                for (int m = 0; m < 6; ++m) o[m * plane + q] = t[m];
             }
         }
     }
@@ -81,29 +86,23 @@ int winograd4_output(const float *restrict products, const float *restrict bias,
         const int64_t first_tile = (n * nrows + r) * cols;
         const float b = bias != NULL ? bias[o] : 0.0f;
         for (int m = 0; m < 6; ++m) { /* A^T down the columns */
-            const float *p0 = products + (int64_t)m * plane + o * tiles + first_tile;
-            const float *p1 = p0 + 6 * plane, *p2 = p1 + 6 * plane, *p3 = p2 + 6 * plane,
-                        *p4 = p3 + 6 * plane, *p5 = p4 + 6 * plane;
-            float *u0 = down + m * cols, *u1 = u0 + 6 * cols, *u2 = u1 + 6 * cols, *u3 = u2 + 6 * cols;
+            const float *p = products + (int64_t)m * plane + o * tiles + first_tile;
             for (int64_t q = 0; q < cols; ++q) {
-                const float a0 = p0[q], a1 = p1[q], a2 = p2[q], a3 = p3[q], a4 = p4[q], a5 = p5[q];
-                u0[q] = a0 + a1 + a2 + a3 + a4;
-                u1[q] = a1 - a2 + 2 * (a3 - a4);
-                u2[q] = a1 + a2 + 4 * (a3 + a4);
-                u3[q] = a1 - a2 + 8 * (a3 - a4) + a5;
+                float column[6], u[4];
+                for (int k = 0; k < 6; ++k) column[k] = p[6 * k * plane + q];
+                a4(column, u);
+                for (int a = 0; a < 4; ++a) down[(a * 6 + m) * cols + q] = u[a];
             }
         }
         for (int a = 0; a < 4; ++a) { /* A along the rows, then the row written whole */
             const int64_t row = 4 * (row0 + r) + a;
             if (row >= H) break;
-            const float *m0 = down + a * 6 * cols, *m1 = m0 + cols, *m2 = m1 + cols, *m3 = m2 + cols,
-                        *m4 = m3 + cols, *m5 = m4 + cols;
+            const float *u = down + a * 6 * cols;
             for (int64_t q = 0; q < cols; ++q) {
-                const float a0 = m0[q], a1 = m1[q], a2 = m2[q], a3 = m3[q], a4 = m4[q], a5 = m5[q];
-                line[4 * q + 0] = a0 + a1 + a2 + a3 + a4 + b;
-                line[4 * q + 1] = a1 - a2 + 2 * (a3 - a4) + b;
-                line[4 * q + 2] = a1 + a2 + 4 * (a3 + a4) + b;
-                line[4 * q + 3] = a1 - a2 + 8 * (a3 - a4) + a5 + b;
+                float m[6], e[4];
+                for (int l = 0; l < 6; ++l) m[l] = u[l * cols + q];
+                a4(m, e);
+                for (int k = 0; k < 4; ++k) line[4 * q + k] = e[k] + b;
             }
             memcpy(y + ((n * O + o) * H + row) * W, line, W * sizeof(float));
         }
