@@ -59,13 +59,9 @@ def native_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from openldm.nn import native
 
     folder = tmp_path_factory.mktemp("native-cache")
-    previous = os.environ.get(native.CACHE_VARIABLE)
-    os.environ[native.CACHE_VARIABLE] = str(folder)
-    yield folder
-    if previous is None:
-        os.environ.pop(native.CACHE_VARIABLE, None)
-    else:
-        os.environ[native.CACHE_VARIABLE] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(native.CACHE_VARIABLE, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -20,11 +20,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from openldm.files import replaced_when_done
 
 log = logging.getLogger("openldm")
 
@@ -73,20 +74,14 @@ class BuildError(RuntimeError):
 def _build(source: Path, cc: str, flags: tuple[str, ...], target: Path) -> None:
     """Compiles ``source`` into ``target``, written beside it and renamed when whole."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
-    os.close(fd)
-    try:
-        command = [cc, *flags, "-shared", "-fPIC", "-o", partial, str(source)]
+    with replaced_when_done(target) as partial:
+        command = [cc, *flags, "-shared", "-fPIC", "-o", str(partial), str(source)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_SECONDS)
         if done.returncode != 0:
             said = (done.stderr + done.stdout).splitlines()
             raise BuildError(
                 next((line for line in said if "error" in line), f"exit status {done.returncode}")
             )
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
 
 
 def _load_or_build(source: Path, cc: str, flags: tuple[str, ...]) -> ctypes.CDLL:
