@@ -11,6 +11,7 @@ shares its model's."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 from typing import Any
 
@@ -70,12 +71,13 @@ def _through_native(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     run_jobs = native.run_jobs
 
-    def counted(function: Any, jobs: int, *args: int | None) -> None:
-        calls.append(function.__name__)
-        run_jobs(function, jobs, *args)
+    def counted(library: native.NativeLibrary, name: str, jobs: int, *args: int | None) -> None:
+        calls.append(name)
+        run_jobs(library, name, jobs, *args)
 
     monkeypatch.setattr(native, "run_jobs", counted)
     monkeypatch.setattr(winograd, "NATIVE_MIN_TILES", 0)
+    monkeypatch.setattr(winograd, "NATIVE_MIN_TILES_SHARED", 0)
     return calls
 
 
@@ -126,6 +128,29 @@ def test_native_bands_and_threads_give_the_whole_result(monkeypatch: pytest.Monk
         torch.set_num_threads(threads)
     assert calls == ["winograd4_input", "winograd4_output"] * 7
     assert_close_rel(banded, whole, tol=1e-5)
+
+
+def test_native_jobs_on_pytorchs_threads_and_on_a_pool_compute_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    library = winograd._native_transforms()
+    assert library is not None and library.shares_pytorch_threads  # Linux, gcc, PyTorch's libgomp
+    g = torch.Generator().manual_seed(6)
+    x, w, b = torch.randn(2, 16, 21, 19, generator=g), torch.randn(24, 16, 3, 3, generator=g), torch.randn(24)
+    filters = transform_filters(w, 4)
+    calls = _through_native(monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shared = winograd_conv3x3(x, filters, b, 4)
+        pooled = dataclasses.replace(library, shares_pytorch_threads=False)
+        monkeypatch.setattr(winograd, "_native_transforms", lambda: pooled)
+        on_a_pool = winograd_conv3x3(x, filters, b, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["winograd4_input", "winograd4_output"] * 2
+    assert torch.equal(shared, on_a_pool)  # each job's arithmetic is the same code whoever runs it
+    assert _error_to_fp64(shared, x, w, b) <= 2e-5
 
 
 def test_without_the_native_library_pytorchs_operators_compute(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,10 @@
 
 Written for openldm and compiled on first use by openldm/nn/native.py; plain C with no library beyond
 libc, called through ctypes. Each function takes a range [begin, end) of independent jobs so that the
-caller can share a call's jobs among threads. The tiles of a call are those of a band of tile rows
+caller can share a call's jobs among threads; built with OpenMP, each also has a `_shared` form that
+shares all of a call's jobs among the threads of the OpenMP runtime the process has (native.py builds
+so only where that runtime is PyTorch's: its waiting threads then take the jobs, where threads of
+their own would compete with them for the cores). The tiles of a call are those of a band of tile rows
 [row0, row0 + nrows) of every image; a band's tiles are numbered (image, tile row, tile column). */
 
 #include <stdint.h>
@@ -110,3 +113,39 @@ int winograd4_output(const float *restrict products, const float *restrict bias,
     free(down);
     return 0;
 }
+
+#ifdef _OPENMP
+#include <omp.h>
+
+/* The calling thread's share [*begin, *end) of jobs [0, jobs) in the enclosing parallel region. */
+static void share_of(int64_t jobs, int64_t *begin, int64_t *end) {
+    const int64_t threads = omp_get_num_threads(), step = (jobs + threads - 1) / threads;
+    *begin = omp_get_thread_num() * step;
+    *end = *begin + step < jobs ? *begin + step : jobs;
+}
+
+int winograd4_input_shared(const float *restrict x, float *restrict out, int64_t N, int64_t C, int64_t H,
+                           int64_t W, int64_t row0, int64_t nrows, int64_t cols, int64_t jobs, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int64_t begin, end;
+        share_of(jobs, &begin, &end);
+        if (begin < end) failed |= winograd4_input(x, out, N, C, H, W, row0, nrows, cols, begin, end);
+    }
+    return failed;
+}
+
+int winograd4_output_shared(const float *restrict products, const float *restrict bias, float *restrict y,
+                            int64_t N, int64_t O, int64_t H, int64_t W, int64_t row0, int64_t nrows,
+                            int64_t cols, int64_t jobs, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int64_t begin, end;
+        share_of(jobs, &begin, &end);
+        if (begin < end) failed |= winograd4_output(products, bias, y, N, O, H, W, row0, nrows, cols, begin, end);
+    }
+    return failed;
+}
+#endif

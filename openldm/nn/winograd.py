@@ -48,8 +48,12 @@ BAND_BYTES = 16 * 2**20
 # Calls of F(4x4) with at least this many tiles take the tiles in and out by the native transforms
 # (winograd.c, one pass over memory each), the products as filters @ tiles; with fewer tiles the
 # products' matrices are too narrow that way round and PyTorch's operators do better. Those calls' bands
-# only bound their memory: passes over whole maps ran faster than bands of the cache's size.
+# only bound their memory: passes over whole maps ran faster than bands of the cache's size. On PyTorch's
+# own threads (native.py) the transforms start sooner and pay from fewer tiles (2 cores, batch 2: 640 ch
+# at 32x32, 128 tiles, 69 -> 63 ms; 2560 -> 1280 ch at 24x24, 72 tiles, 238 -> 212; 1280 ch at 24x24
+# even).
 NATIVE_MIN_TILES = 256
+NATIVE_MIN_TILES_SHARED = 64
 NATIVE_BAND_BYTES = 128 * 2**20
 
 # The transforms' matrices (B^T, G, A^T) for interpolation points 0, +-1 (F(2)) and 0, +-1, +-2 (F(4)).
@@ -121,8 +125,8 @@ def _winograd_conv3x3(
     side = tile + 2
     rows, cols = -(-height // tile), -(-width // tile)
     row_bytes = side * side * batch * cols * max(channels, filters.shape[1]) * x.element_size()
-    library = _native_transforms() if tile == 4 and batch * rows * cols >= NATIVE_MIN_TILES else None
-    if library is not None:
+    library = _native_transforms() if tile == 4 else None
+    if library is not None and batch * rows * cols >= _native_min_tiles(library):
         band = max(1, NATIVE_BAND_BYTES // row_bytes)
         return _native_conv3x3(library, x.contiguous(), filters, bias, band)
     band = max(1, BAND_BYTES // row_bytes)
@@ -156,17 +160,28 @@ def _tiles_conv(
 
 
 @functools.cache
-def _native_transforms() -> ctypes.CDLL | None:
+def _native_transforms() -> native.NativeLibrary | None:
     library = native.load("winograd.c")
     if library is not None:
-        sizes = [ctypes.c_int64] * 9
-        library.winograd4_input.argtypes = [ctypes.c_void_p] * 2 + sizes
-        library.winograd4_output.argtypes = [ctypes.c_void_p] * 3 + sizes
+        sizes = [ctypes.c_int64] * 9  # ..., begin, end; shared: ..., jobs (an int64), threads (an int)
+        library.cdll.winograd4_input.argtypes = [ctypes.c_void_p] * 2 + sizes
+        library.cdll.winograd4_output.argtypes = [ctypes.c_void_p] * 3 + sizes
+        if library.shares_pytorch_threads:
+            library.cdll.winograd4_input_shared.argtypes = [ctypes.c_void_p] * 2 + sizes[1:] + [ctypes.c_int]
+            library.cdll.winograd4_output_shared.argtypes = [ctypes.c_void_p] * 3 + sizes[1:] + [ctypes.c_int]
     return library
 
 
+def _native_min_tiles(library: native.NativeLibrary) -> int:
+    return NATIVE_MIN_TILES_SHARED if library.shares_pytorch_threads else NATIVE_MIN_TILES
+
+
 def _native_conv3x3(
-    library: ctypes.CDLL, x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, band: int
+    library: native.NativeLibrary,
+    x: torch.Tensor,
+    filters: torch.Tensor,
+    bias: torch.Tensor | None,
+    band: int,
 ) -> torch.Tensor:
     """F(4x4) with the tiles taken in and out by ``library``'s one-pass transforms: (36, C, tiles)."""
     batch, channels, height, width = x.shape
@@ -180,12 +195,12 @@ def _native_conv3x3(
         span = (first, count, cols)
         tiles = x.new_empty(36, channels, batch * count * cols)
         jobs = batch * channels * count
-        native.run_jobs(library.winograd4_input, jobs, x.data_ptr(), tiles.data_ptr(), *x.shape, *span)
+        native.run_jobs(library, "winograd4_input", jobs, x.data_ptr(), tiles.data_ptr(), *x.shape, *span)
         products = torch.bmm(filters, tiles)  # (36, out, tiles)
         del tiles
         jobs = batch * out_channels * count
         pointers = (products.data_ptr(), bias_pointer, y.data_ptr())
-        native.run_jobs(library.winograd4_output, jobs, *pointers, *y.shape, *span)
+        native.run_jobs(library, "winograd4_output", jobs, *pointers, *y.shape, *span)
     return y
 
 
